@@ -1,0 +1,1 @@
+"""Model implementations (one Llama-family implementation) and weight loading."""

@@ -1,0 +1,123 @@
+"""One configuration dataclass for the whole server, built from the command line.
+
+Every process receives the same `ServerConfig` (it is a msgspec-encodable dataclass), so a flag
+means the same thing everywhere. Flag names follow vLLM / SGLang where those exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class ServerConfig:
+    # --- model ---
+    model: Optional[str] = None  # None: the embedded SmolLM2-135M-Instruct
+    tokenizer: Optional[str] = None  # default: the model's own (dummy configs: the embedded one)
+    served_model_name: Optional[str] = None
+    load_format: str = "auto"  # auto | dummy
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    max_model_len: Optional[int] = None
+    seed: int = 0
+    # --- HTTP ---
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None
+    # --- engine ---
+    tp_size: int = 1
+    page_size: int = 1
+    chunked_prefill_size: int = 2048
+    max_running_requests: int = 256
+    max_total_tokens: Optional[int] = None
+    mem_fraction_static: float = 0.85
+    attention_backend: str = "auto"  # auto | flashinfer | triton | torch
+    disable_radix_cache: bool = False
+    disable_overlap: bool = False
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: Optional[int] = None
+    num_threads: Optional[int] = None  # CPU: torch intra-op threads (default: all cores)
+    log_level: str = "info"
+
+    @property
+    def model_name(self) -> str:
+        """The name clients must send in `model`."""
+        if self.served_model_name:
+            return self.served_model_name
+        return self.model or EMBEDDED_MODEL_NAME
+
+    def replace(self, **changes) -> "ServerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_HELP = {
+    "model": "Hugging Face model directory or hub id, or a config.json / directory with "
+    "--load-format dummy. Default: the embedded SmolLM2-135M-Instruct.",
+    "tokenizer": "Tokenizer directory or hub id, if not the model's own "
+    "(default for dummy configs without a tokenizer: the embedded SmolLM2 tokenizer).",
+    "served_model_name": "The model name clients send and /v1/models lists (default: --model).",
+    "load_format": "auto: real weights; dummy: seeded random weights from the config.",
+    "dtype": "Weight and activation dtype. auto: bfloat16 on GPU, bfloat16 on CPU (fastest there).",
+    "device": "auto (cuda when available), cpu or cuda.",
+    "max_model_len": "Context length (prompt + output). Default: the model's own.",
+    "seed": "Seed for dummy weights and for requests without their own seed.",
+    "host": "Address to listen on.",
+    "port": "Port to listen on.",
+    "api_key": "Require 'Authorization: Bearer <key>' on every /v1 request.",
+    "tp_size": "Tensor-parallel degree: one scheduler process per rank.",
+    "page_size": "Tokens per KV page.",
+    "chunked_prefill_size": "Token budget of one step; longer prompts are prefilled in chunks.",
+    "max_running_requests": "Most requests decoding at once.",
+    "max_total_tokens": "KV pool size in tokens (default: from --mem-fraction-static).",
+    "mem_fraction_static": "Fraction of device memory for weights plus KV pool.",
+    "attention_backend": "auto, flashinfer, triton or torch.",
+    "disable_radix_cache": "Do not reuse KV across requests.",
+    "disable_overlap": "Run the plain schedule -> run -> process loop (no CPU/GPU overlap).",
+    "disable_cuda_graph": "Run decode eagerly, without CUDA graphs.",
+    "cuda_graph_max_bs": "Largest decode batch captured in a CUDA graph (default: sized to the GPU).",
+    "num_threads": "CPU only: torch threads for the scheduler (default: all cores).",
+    "log_level": "debug, info, warning or error.",
+}
+
+_ALIASES = {"tp_size": ["--tp", "--tensor-parallel-size"]}
+_CHOICES = {
+    "load_format": ["auto", "dummy"],
+    "dtype": ["auto", "float32", "bfloat16", "float16"],
+    "device": ["auto", "cpu", "cuda"],
+    "attention_backend": ["auto", "flashinfer", "triton", "torch"],
+    "log_level": ["debug", "info", "warning", "error"],
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m server", description="Skiff: an OpenAI-compatible LLM server."
+    )
+    for f in dataclasses.fields(ServerConfig):
+        flags = ["--" + f.name.replace("_", "-")] + _ALIASES.get(f.name, [])
+        if f.type in ("bool", bool):
+            parser.add_argument(*flags, dest=f.name, action="store_true", help=_HELP[f.name])
+            continue
+        base = str(f.type).replace("Optional[", "").rstrip("]")
+        kind = {"int": int, "float": float}.get(base, str)
+        parser.add_argument(
+            *flags, dest=f.name, type=kind, default=f.default, choices=_CHOICES.get(f.name),
+            help=_HELP[f.name] + (f" (default: {f.default})" if f.default not in (None, False) else ""),
+        )
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> ServerConfig:
+    ns = build_parser().parse_args(argv)
+    cfg = ServerConfig(**vars(ns))
+    if cfg.page_size < 1 or cfg.chunked_prefill_size < 1 or cfg.max_running_requests < 1:
+        raise SystemExit("--page-size, --chunked-prefill-size and --max-running-requests must be >= 1")
+    return cfg
+
+
+__all__ = ["ServerConfig", "build_parser", "parse_args", "EMBEDDED_MODEL_NAME", "field"]
