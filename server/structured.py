@@ -1,0 +1,759 @@
+"""Structured outputs and tool calling on the API side (pure Python: no xgrammar, no torch).
+
+Three jobs:
+
+1. Requests -> `GrammarSpec`: OpenAI's `response_format` (text / json_object / json_schema, plus
+   xgrammar's structural_tag) and SGLang's top-level `regex` / `ebnf` fields, with light checks
+   here so obviously bad specs are a 400 at once. The scheduler's real compile is the final judge;
+   its errors come back to the client as 400 too.
+2. Tools -> a `ToolPlan`: which grammar constrains the output and whether to parse tool calls.
+3. Output -> OpenAI objects: `message.tool_calls`, `finish_reason` "tool_calls", streaming deltas.
+
+The tool-call text format (Hermes / Qwen style, also what the grammar forces)::
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+With `tool_choice` "required" the output is one or more such blocks separated by a newline and
+nothing else (exactly one when `parallel_tool_calls` is false); a named tool_choice is the same
+with only that function allowed. With "auto" the model writes free text, and once it writes
+`<tool_call>` the rest of that block is forced to be a valid call. The one parser below reads all
+of these back, and also a bare JSON call (`{"name": ..., "arguments": ...}` or a list of them) as
+the whole output, which models without a tool template often produce.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from server.ipc import GrammarSpec
+
+TOOL_CALL_BEGIN = "<tool_call>"
+TOOL_CALL_END = "</tool_call>"
+_CALL_PREFIX = TOOL_CALL_BEGIN + '\n{"name": '
+_CALL_SUFFIX = "}\n" + TOOL_CALL_END
+_FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+# Bounded whitespace inside constrained tool arguments: free whitespace lets a sampled model
+# wander forever in blank space and never close the call.
+_MAX_ARG_WHITESPACE = 2
+
+
+class StructuredOutputError(ValueError):
+    """A bad structured-output or tool request: becomes HTTP 400 with `message` and `param`."""
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.message, self.param = message, param
+
+
+def _as_dict(obj: Any) -> Any:
+    """Pydantic models (the protocol layer may use them) become plain dicts; the rest unchanged."""
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(exclude_none=True, by_alias=True)
+    return obj
+
+
+# ============================================================================ light spec checks
+
+_JSON_TYPES = {"string", "number", "integer", "boolean", "object", "array", "null"}
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_ONE = ("not", "additionalProperties", "items", "contains", "propertyNames", "if", "then", "else",
+               "additionalItems", "unevaluatedProperties", "unevaluatedItems")
+_NUMBERS = ("minimum", "maximum", "multipleOf")
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties",
+           "minContains", "maxContains")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate_json_schema(schema: Any, path: str = "schema") -> None:
+    """Raise StructuredOutputError for a structurally invalid JSON schema.
+
+    A light check of keyword shapes (types, nesting, bounds) so typos fail fast with a clear
+    message; what xgrammar cannot compile is reported later by the scheduler.
+    """
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise StructuredOutputError(f"{path} must be a JSON object or boolean, got {type(schema).__name__}")
+    t = schema.get("type")
+    if t is not None:
+        types = t if isinstance(t, list) else [t]
+        for name in types:
+            if name not in _JSON_TYPES:
+                raise StructuredOutputError(f"{path}.type: unknown type {name!r}; expected one of "
+                                            f"{', '.join(sorted(_JSON_TYPES))}")
+    for key in _SCHEMA_MAPS:
+        if key in schema:
+            sub = schema[key]
+            if not isinstance(sub, dict):
+                raise StructuredOutputError(f"{path}.{key} must be an object")
+            for name, s in sub.items():
+                validate_json_schema(s, f"{path}.{key}.{name}")
+    for key in _SCHEMA_LISTS:
+        if key in schema:
+            sub = schema[key]
+            if not isinstance(sub, list) or (key != "prefixItems" and not sub):
+                raise StructuredOutputError(f"{path}.{key} must be a non-empty array of schemas")
+            for i, s in enumerate(sub):
+                validate_json_schema(s, f"{path}.{key}[{i}]")
+    for key in _SCHEMA_ONE:
+        if key in schema:
+            sub = schema[key]
+            if key == "items" and isinstance(sub, list):  # draft-4 tuple form
+                for i, s in enumerate(sub):
+                    validate_json_schema(s, f"{path}.items[{i}]")
+            else:
+                validate_json_schema(sub, f"{path}.{key}")
+    if "required" in schema:
+        req = schema["required"]
+        if not isinstance(req, list) or not all(isinstance(r, str) for r in req):
+            raise StructuredOutputError(f"{path}.required must be an array of strings")
+    if "enum" in schema and (not isinstance(schema["enum"], list) or not schema["enum"]):
+        raise StructuredOutputError(f"{path}.enum must be a non-empty array")
+    for key in _NUMBERS:
+        if key in schema and not _is_number(schema[key]):
+            raise StructuredOutputError(f"{path}.{key} must be a number")
+    if "multipleOf" in schema and schema["multipleOf"] <= 0:
+        raise StructuredOutputError(f"{path}.multipleOf must be greater than 0")
+    for key in ("exclusiveMinimum", "exclusiveMaximum"):
+        if key in schema and not (_is_number(schema[key]) or isinstance(schema[key], bool)):
+            raise StructuredOutputError(f"{path}.{key} must be a number")
+    for key in _COUNTS:
+        if key in schema:
+            v = schema[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise StructuredOutputError(f"{path}.{key} must be a non-negative integer")
+    for lo, hi in (("minimum", "maximum"), ("minLength", "maxLength"), ("minItems", "maxItems"),
+                   ("minProperties", "maxProperties")):
+        if lo in schema and hi in schema and schema[lo] > schema[hi]:
+            raise StructuredOutputError(f"{path}: {lo} ({schema[lo]}) is greater than {hi} ({schema[hi]})")
+    for key in ("pattern", "format", "$ref"):
+        if key in schema and not isinstance(schema[key], str):
+            raise StructuredOutputError(f"{path}.{key} must be a string")
+    if isinstance(schema.get("pattern"), str):
+        validate_regex(schema["pattern"], f"{path}.pattern")
+
+
+def validate_regex(pattern: Any, param: str = "regex") -> None:
+    """Raise StructuredOutputError for a regex that is empty or structurally broken.
+
+    Not `re.compile`: xgrammar's syntax is ECMAScript-like and differs from Python's in both
+    directions, so only what is wrong in any dialect is checked here (unbalanced groups, an
+    unterminated class, a dangling escape, a quantifier with nothing to repeat).
+    """
+    if not isinstance(pattern, str) or not pattern:
+        raise StructuredOutputError(f"{param} must be a non-empty string", param)
+    depth, i, n = 0, 0, len(pattern)
+    prev_atom = False  # is there something a quantifier could repeat?
+    while i < n:
+        ch = pattern[i]
+        if ch == "\\":
+            if i + 1 >= n:
+                raise StructuredOutputError(f"invalid regex: trailing backslash at position {i}", param)
+            i += 2
+            prev_atom = True
+            continue
+        if ch == "[":
+            j = i + 1
+            if j < n and pattern[j] == "^":
+                j += 1
+            if j < n and pattern[j] == "]":  # a literal ']' first in the class
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            if j >= n:
+                raise StructuredOutputError(f"invalid regex: unterminated character class at position {i}", param)
+            i = j + 1
+            prev_atom = True
+            continue
+        if ch == "(":
+            depth += 1
+            prev_atom = False
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise StructuredOutputError(f"invalid regex: unbalanced ')' at position {i}", param)
+            prev_atom = True
+        elif ch in "*+?":
+            if not prev_atom and not (ch == "?" and i > 0 and pattern[i - 1] in "*+?}("):
+                raise StructuredOutputError(f"invalid regex: nothing to repeat at position {i}", param)
+            prev_atom = False
+        elif ch == "|":
+            prev_atom = False
+        elif ch == "{" and re.match(r"\{\d+(,\d*)?\}", pattern[i:]):
+            if not prev_atom:
+                raise StructuredOutputError(f"invalid regex: nothing to repeat at position {i}", param)
+            i = pattern.index("}", i) + 1
+            prev_atom = False
+            continue
+        else:
+            prev_atom = ch not in "^$"
+        i += 1
+    if depth:
+        raise StructuredOutputError("invalid regex: missing ')'", param)
+
+
+_ROOT_RULE = re.compile(r"(^|\n)\s*root\s*::=")
+
+
+def validate_ebnf(grammar: Any, param: str = "ebnf") -> None:
+    """Raise StructuredOutputError unless `grammar` looks like GBNF/EBNF with a `root` rule."""
+    if not isinstance(grammar, str) or not grammar.strip():
+        raise StructuredOutputError(f"{param} must be a non-empty string", param)
+    if "::=" not in grammar:
+        raise StructuredOutputError(f"invalid EBNF grammar: no rule (expected 'name ::= ...')", param)
+    if not _ROOT_RULE.search(grammar):
+        raise StructuredOutputError("invalid EBNF grammar: it must define a 'root' rule", param)
+
+
+def validate_grammar_spec(spec: GrammarSpec) -> None:
+    """The API server's light check of any GrammarSpec (the scheduler compiles it for real)."""
+    if spec.kind == "json_schema":
+        try:
+            schema = json.loads(spec.spec)
+        except ValueError as e:
+            raise StructuredOutputError(f"the JSON schema is not valid JSON: {e}", "response_format") from e
+        validate_json_schema(schema)
+    elif spec.kind == "regex":
+        validate_regex(spec.spec)
+    elif spec.kind == "ebnf":
+        validate_ebnf(spec.spec)
+    elif spec.kind == "structural_tag":
+        try:
+            tag = json.loads(spec.spec)
+        except ValueError as e:
+            raise StructuredOutputError(f"the structural tag is not valid JSON: {e}", "response_format") from e
+        if not isinstance(tag, dict) or not isinstance(tag.get("format"), dict):
+            raise StructuredOutputError("a structural tag needs a 'format' object", "response_format")
+    elif spec.kind != "json_object":
+        raise StructuredOutputError(f"unknown grammar kind {spec.kind!r}")
+
+
+# ============================================================================ response_format
+
+
+def grammar_from_request(response_format: Any = None, regex: Optional[str] = None,
+                         ebnf: Optional[str] = None) -> Optional[GrammarSpec]:
+    """The GrammarSpec for a chat or completions request, or None when output is free text.
+
+    response_format: OpenAI's object ({"type": "text" | "json_object" | "json_schema" |
+    "structural_tag", ...}); regex / ebnf: SGLang's top-level extensions. At most one may
+    constrain the output. Raises StructuredOutputError (HTTP 400).
+    """
+    specs: list[GrammarSpec] = []
+    rf = _as_dict(response_format)
+    if rf is not None:
+        if not isinstance(rf, dict):
+            raise StructuredOutputError("response_format must be an object", "response_format")
+        kind = rf.get("type")
+        if kind == "text":
+            pass
+        elif kind == "json_object":
+            specs.append(GrammarSpec("json_object"))
+        elif kind == "json_schema":
+            specs.append(_json_schema_spec(rf.get("json_schema")))
+        elif kind == "structural_tag":
+            if not isinstance(rf.get("format"), dict):
+                raise StructuredOutputError("response_format.format must be an object for a structural_tag",
+                                            "response_format.format")
+            specs.append(GrammarSpec("structural_tag", json.dumps(rf)))
+        else:
+            raise StructuredOutputError(
+                f"response_format.type must be 'text', 'json_object', 'json_schema' or 'structural_tag', "
+                f"got {kind!r}", "response_format.type")
+    if regex is not None:
+        validate_regex(regex)
+        specs.append(GrammarSpec("regex", regex))
+    if ebnf is not None:
+        validate_ebnf(ebnf)
+        specs.append(GrammarSpec("ebnf", ebnf))
+    if len(specs) > 1:
+        raise StructuredOutputError("only one of response_format (json), regex and ebnf may be given",
+                                    "response_format")
+    return specs[0] if specs else None
+
+
+def _json_schema_spec(js: Any) -> GrammarSpec:
+    js = _as_dict(js)
+    if not isinstance(js, dict):
+        raise StructuredOutputError("response_format.json_schema must be an object with a 'schema'",
+                                    "response_format.json_schema")
+    name = js.get("name")
+    if name is not None and (not isinstance(name, str) or not _FUNCTION_NAME.match(name)):
+        raise StructuredOutputError("response_format.json_schema.name must be 1-64 letters, digits, '_' or '-'",
+                                    "response_format.json_schema.name")
+    # SGLang and some clients send the schema under "schema_" (pydantic's alias clash) or "schema".
+    schema = js.get("schema", js.get("schema_"))
+    if schema is None:
+        return GrammarSpec("json_object")
+    if isinstance(schema, str):  # a schema sent as a JSON string
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise StructuredOutputError(f"response_format.json_schema.schema is not valid JSON: {e}",
+                                        "response_format.json_schema.schema") from e
+    try:
+        validate_json_schema(schema)
+    except StructuredOutputError as e:
+        raise StructuredOutputError(f"invalid JSON schema: {e.message}", "response_format.json_schema.schema") from e
+    return GrammarSpec("json_schema", json.dumps(schema))
+
+
+# ============================================================================ tools
+
+
+@dataclass(frozen=True)
+class ToolFunction:
+    name: str
+    parameters: dict
+    description: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """How a request with `tools` is served.
+
+    mode: "none" (tools ignored), "auto", "required" or "named" (only `functions[0]`).
+    grammar: the constraint for the output (None: unconstrained).
+    parse: whether to read tool calls back out of the output.
+    """
+
+    functions: tuple[ToolFunction, ...]
+    mode: str
+    parallel: bool
+    grammar: Optional[GrammarSpec]
+    parse: bool
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(f.name for f in self.functions)
+
+
+def parse_tools(tools: Any) -> list[ToolFunction]:
+    """Validate OpenAI `tools` ([{"type": "function", "function": {name, description, parameters}}])."""
+    if not isinstance(tools, list):
+        raise StructuredOutputError("tools must be an array", "tools")
+    out, seen = [], set()
+    for i, tool in enumerate(tools):
+        tool = _as_dict(tool)
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise StructuredOutputError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}",
+                                        f"tools[{i}]")
+        fn = _as_dict(tool.get("function"))
+        if not isinstance(fn, dict):
+            raise StructuredOutputError(f"tools[{i}].function must be an object", f"tools[{i}].function")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
+            raise StructuredOutputError(f"tools[{i}].function.name must be 1-64 letters, digits, '_', '.' or '-'",
+                                        f"tools[{i}].function.name")
+        if name in seen:
+            raise StructuredOutputError(f"duplicate tool name {name!r}", f"tools[{i}].function.name")
+        seen.add(name)
+        params = fn.get("parameters")
+        if params is None:
+            params = {"type": "object", "properties": {}}
+        try:
+            validate_json_schema(params)
+        except StructuredOutputError as e:
+            raise StructuredOutputError(f"tools[{i}].function.parameters: {e.message}",
+                                        f"tools[{i}].function.parameters") from e
+        desc = fn.get("description")
+        out.append(ToolFunction(name, params, desc if isinstance(desc, str) else None))
+    return out
+
+
+def _tool_choice(tool_choice: Any, names: set[str]) -> tuple[str, Optional[str]]:
+    tc = _as_dict(tool_choice)
+    if tc is None:
+        return "auto", None
+    if isinstance(tc, str):
+        if tc not in ("none", "auto", "required"):
+            raise StructuredOutputError(f"tool_choice must be 'none', 'auto', 'required' or a named function, "
+                                        f"got {tc!r}", "tool_choice")
+        return tc, None
+    if isinstance(tc, dict):
+        fn = _as_dict(tc.get("function"))
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if tc.get("type", "function") != "function" or not isinstance(name, str):
+            raise StructuredOutputError("tool_choice must be {'type': 'function', 'function': {'name': ...}}",
+                                        "tool_choice")
+        if name not in names:
+            raise StructuredOutputError(f"tool_choice names an unknown function {name!r}; tools define: "
+                                        f"{', '.join(sorted(names)) or 'none'}", "tool_choice")
+        return "named", name
+    raise StructuredOutputError("tool_choice must be a string or an object", "tool_choice")
+
+
+def plan_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: Optional[bool] = True, *,
+               constrain_auto: bool = True) -> Optional[ToolPlan]:
+    """The ToolPlan for a chat request, or None without tools. Raises StructuredOutputError.
+
+    constrain_auto: with tool_choice "auto", force any `<tool_call>` block the model opens to
+    be a valid call (free text elsewhere).
+    """
+    if tools is None or tools == []:
+        tc = _as_dict(tool_choice)
+        if tc not in (None, "none", "auto"):
+            raise StructuredOutputError("tool_choice requires tools", "tool_choice")
+        return None
+    functions = parse_tools(tools)
+    mode, named = _tool_choice(tool_choice, {f.name for f in functions})
+    parallel = parallel_tool_calls is not False
+    if mode == "none":
+        return ToolPlan(tuple(functions), "none", parallel, None, parse=False)
+    if mode == "named":
+        functions = [f for f in functions if f.name == named]
+    grammar = None
+    if mode in ("required", "named"):
+        grammar = tool_call_grammar(functions, parallel=parallel, forced=True)
+    elif constrain_auto:
+        grammar = tool_call_grammar(functions, parallel=parallel, forced=False)
+    return ToolPlan(tuple(functions), mode, parallel, grammar, parse=True)
+
+
+def _call_tag(fn: ToolFunction) -> dict:
+    return {
+        "type": "tag",
+        "begin": _CALL_PREFIX + json.dumps(fn.name) + ', "arguments": ',
+        "content": {"type": "json_schema", "json_schema": fn.parameters,
+                    "max_whitespace_cnt": _MAX_ARG_WHITESPACE},
+        "end": _CALL_SUFFIX,
+    }
+
+
+def tool_call_grammar(functions: Sequence[ToolFunction], *, parallel: bool, forced: bool) -> GrammarSpec:
+    """An xgrammar structural tag for tool calls in the format of this module's docstring.
+
+    forced: the output is only calls (at least one); otherwise free text in which each
+    `<tool_call>` opens a constrained call. parallel=False allows one call at most.
+    """
+    tags = [_call_tag(f) for f in functions]
+    if forced:
+        fmt = {"type": "tags_with_separator", "tags": tags, "separator": "\n",
+               "at_least_one": True, "stop_after_first": not parallel}
+    else:
+        fmt = {"type": "triggered_tags", "triggers": [TOOL_CALL_BEGIN], "tags": tags,
+               "at_least_one": False, "stop_after_first": not parallel}
+    return GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": fmt}))
+
+
+# ============================================================================ parsing calls
+
+
+def make_tool_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # a JSON object, serialized
+    id: str = field(default_factory=make_tool_call_id)
+
+    def to_openai(self) -> dict:
+        """The `message.tool_calls[i]` object."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class ContentDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """One element of a streaming `delta.tool_calls` list (OpenAI's shape)."""
+
+    index: int
+    call: ToolCall
+    part: str  # "head": id, type, name and empty arguments; "arguments": the arguments text
+
+    def to_openai(self) -> dict:
+        if self.part == "head":
+            return {"index": self.index, "id": self.call.id, "type": "function",
+                    "function": {"name": self.call.name, "arguments": ""}}
+        return {"index": self.index, "function": {"arguments": self.call.arguments}}
+
+
+StreamEvent = Union[ContentDelta, ToolCallDelta]
+
+
+@dataclass(frozen=True)
+class ToolParseResult:
+    """The model's output split into text content (None when only calls) and tool calls."""
+
+    content: Optional[str]
+    calls: list[ToolCall]
+
+
+def _call_from_obj(obj: Any, names: frozenset[str]) -> Optional[ToolCall]:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or obj["name"] not in names:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):  # some models write the arguments as a JSON string already
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+def _calls_from_json(text: str, names: frozenset[str]) -> Optional[list[ToolCall]]:
+    """A bare JSON call or list of calls as the whole text; None when it is anything else."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    items = obj if isinstance(obj, list) else [obj]
+    calls = [_call_from_obj(o, names) for o in items]
+    if not calls or any(c is None for c in calls):
+        return None
+    return calls  # type: ignore[return-value]
+
+
+def _held_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `tag` (may still become it)."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
+class ToolCallStreamParser:
+    """Incrementally splits model output into content and tool calls (streaming and not).
+
+    feed(text) returns the events that are certain so far; finish() flushes the rest. Text that
+    could still be the start of a `<tool_call>` is held back; whitespace around calls is dropped;
+    an output whose first non-blank character is '{' or '[' is held to the end and, if it is a
+    bare JSON call (or list of calls), becomes calls, else content.
+    """
+
+    def __init__(self, tool_names: Sequence[str]):
+        self._names = frozenset(tool_names)
+        self._buf = ""
+        self._in_call = False
+        self._bare_json: Optional[bool] = None  # undecided until the first non-blank character
+        self._pending_ws = ""  # whitespace held until we know it is not just padding around calls
+        self._after_call = False
+        self._index = 0
+        self.calls: list[ToolCall] = []
+
+    def feed(self, text: str) -> list[StreamEvent]:
+        self._buf += text
+        if self._bare_json is None:
+            stripped = self._buf.lstrip()
+            if not stripped:
+                return []
+            self._bare_json = stripped[0] in "{["
+        if self._bare_json:
+            return []
+        return self._drain(final=False)
+
+    def finish(self) -> list[StreamEvent]:
+        if self._bare_json:
+            text, self._buf = self._buf, ""
+            calls = _calls_from_json(text.strip(), self._names)
+            if calls is not None:
+                return self._emit_calls(calls)
+            return [ContentDelta(text)]
+        events = self._drain(final=True)
+        if self._in_call:  # an unclosed block at the end (the model stopped before </tool_call>)
+            body, self._buf, self._in_call = self._buf, "", False
+            events += self._block(body, closed=False)
+        elif self._buf:
+            events += self._content(self._buf)
+            self._buf = ""
+        if self._pending_ws and not self.calls:
+            events.append(ContentDelta(self._pending_ws))
+        self._pending_ws = ""
+        return events
+
+    # -------------------------------------------------------------- internals
+
+    def _drain(self, final: bool) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        while True:
+            if self._in_call:
+                end = self._buf.find(TOOL_CALL_END)
+                if end < 0:
+                    return events
+                body = self._buf[:end]
+                self._buf = self._buf[end + len(TOOL_CALL_END):]
+                self._in_call = False
+                events += self._block(body, closed=True)
+                continue
+            start = self._buf.find(TOOL_CALL_BEGIN)
+            if start >= 0:
+                events += self._content(self._buf[:start])
+                self._buf = self._buf[start + len(TOOL_CALL_BEGIN):]
+                self._in_call = True
+                continue
+            if final:
+                return events
+            keep = _held_suffix(self._buf, TOOL_CALL_BEGIN)
+            cut = len(self._buf) - keep
+            events += self._content(self._buf[:cut])
+            self._buf = self._buf[cut:]
+            return events
+
+    def _content(self, text: str) -> list[StreamEvent]:
+        if self._after_call:  # the separator / padding after a call is not content
+            text = text.lstrip()
+            if not text:
+                return []
+        text = self._pending_ws + text
+        body = text.rstrip()
+        # Trailing whitespace waits: if a call or the end follows, it was only padding.
+        self._pending_ws = text[len(body):]
+        if not body:
+            return []
+        self._after_call = False
+        return [ContentDelta(body)]
+
+    def _block(self, body: str, closed: bool) -> list[StreamEvent]:
+        call = _call_from_obj(_loads_or_none(body.strip()), self._names)
+        if call is None:
+            raw = TOOL_CALL_BEGIN + body + (TOOL_CALL_END if closed else "")
+            return self._content(raw)
+        self._pending_ws = ""
+        self._after_call = True
+        return self._emit_calls([call])
+
+    def _emit_calls(self, calls: list[ToolCall]) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        for call in calls:
+            events.append(ToolCallDelta(self._index, call, "head"))
+            events.append(ToolCallDelta(self._index, call, "arguments"))
+            self.calls.append(call)
+            self._index += 1
+        return events
+
+
+def _loads_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def parse_tool_calls(text: str, tool_names: Sequence[str]) -> ToolParseResult:
+    """Split a complete output into content (None if empty) and tool calls."""
+    parser = ToolCallStreamParser(tool_names)
+    events = parser.feed(text) + parser.finish()
+    content = "".join(e.text for e in events if isinstance(e, ContentDelta)).strip()
+    return ToolParseResult(content or None, list(parser.calls))
+
+
+def tool_finish_reason(finish_reason: Optional[str], calls: Sequence[ToolCall]) -> Optional[str]:
+    """OpenAI reports "tool_calls" when the model stopped on its own after calling tools."""
+    if calls and finish_reason == "stop":
+        return "tool_calls"
+    return finish_reason
+
+
+# ============================================================================ chat template input
+
+
+def template_supports_tools(chat_template: Optional[str]) -> bool:
+    """Whether a Jinja chat template renders `tools` itself (else we describe them in a system message)."""
+    return bool(chat_template) and "tools" in chat_template
+
+
+def tools_system_prompt(plan: ToolPlan) -> str:
+    """A Hermes-style system prompt that tells a model without a tool template how to call tools."""
+    specs = "\n".join(json.dumps({"type": "function", "function": {
+        "name": f.name, "description": f.description or "", "parameters": f.parameters}}, ensure_ascii=False)
+        for f in plan.functions)
+    if plan.mode == "named":
+        rule = f"You must call the function {plan.functions[0].name}."
+    elif plan.mode == "required":
+        rule = "You must call one or more of these functions."
+    else:
+        rule = "Call a function only when it helps to answer; otherwise answer directly."
+    return ("You can call functions. Their signatures are inside <tools></tools>:\n<tools>\n"
+            f"{specs}\n</tools>\n{rule} To call a function, reply with a JSON object with its name and "
+            "arguments inside <tool_call></tool_call> tags, like this:\n"
+            '<tool_call>\n{"name": "function_name", "arguments": {"arg": "value"}}\n</tool_call>\n'
+            "Function results come back inside <tool_response></tool_response> tags.")
+
+
+def _text_of(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, list):  # OpenAI content parts
+        return "".join(p.get("text", "") for p in map(_as_dict, content) if isinstance(p, dict))
+    return str(content)
+
+
+def prepare_tool_messages(messages: Sequence[Any], plan: Optional[ToolPlan], supports_tools: bool) -> list[dict]:
+    """Chat messages ready for the template, with tool calls and tool results rendered.
+
+    With a template that renders tools itself, assistant tool-call arguments become dicts (what
+    Hugging Face templates expect) and messages are otherwise unchanged; pass the tools to
+    `apply_chat_template(tools=...)`. Without one, tools are described in the system message,
+    assistant tool calls become `<tool_call>` text and tool results `<tool_response>` text.
+    """
+    out: list[dict] = []
+    for m in map(_as_dict, messages):
+        m = dict(m)
+        role = m.get("role")
+        calls = m.get("tool_calls") or []
+        if supports_tools:
+            if calls:
+                m["tool_calls"] = [_template_call(c) for c in calls]
+            out.append(m)
+            continue
+        if role == "assistant" and calls:
+            blocks = []
+            for c in calls:
+                fn = _as_dict(_as_dict(c).get("function", {}))
+                args = _loads_or_none(fn.get("arguments", "{}")) if isinstance(fn.get("arguments"), str) \
+                    else fn.get("arguments")
+                blocks.append(TOOL_CALL_BEGIN + "\n" + json.dumps({"name": fn.get("name"), "arguments": args},
+                                                                  ensure_ascii=False) + "\n" + TOOL_CALL_END)
+            text = _text_of(m.get("content"))
+            m = {"role": "assistant", "content": (text + "\n" if text else "") + "\n".join(blocks)}
+        elif role == "tool":
+            m = {"role": "tool", "content": "<tool_response>\n" + _text_of(m.get("content")) + "\n</tool_response>"}
+        else:
+            m = {"role": role, "content": _text_of(m.get("content"))}
+        out.append(m)
+    if plan is not None and plan.mode != "none" and not supports_tools:
+        prompt = tools_system_prompt(plan)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + prompt}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
+
+
+def _template_call(call: Any) -> dict:
+    c = dict(_as_dict(call))
+    fn = dict(_as_dict(c.get("function", {})))
+    if isinstance(fn.get("arguments"), str):
+        parsed = _loads_or_none(fn["arguments"])
+        if isinstance(parsed, dict):
+            fn["arguments"] = parsed
+    c["function"] = fn
+    return c
+
+
+__all__ = [
+    "StructuredOutputError", "validate_json_schema", "validate_regex", "validate_ebnf",
+    "validate_grammar_spec", "grammar_from_request", "ToolFunction", "ToolPlan", "parse_tools",
+    "plan_tools", "tool_call_grammar", "ToolCall", "ContentDelta", "ToolCallDelta", "StreamEvent",
+    "ToolParseResult", "ToolCallStreamParser", "parse_tool_calls", "tool_finish_reason",
+    "make_tool_call_id", "template_supports_tools", "tools_system_prompt", "prepare_tool_messages",
+    "TOOL_CALL_BEGIN", "TOOL_CALL_END",
+]
