@@ -230,8 +230,7 @@ def _smollm_dir() -> Optional[str]:
         from scheduler_proc.models.embedded import ensure_embedded_model
     except ImportError:
         return None
-    located = ensure_embedded_model()
-    return os.fspath(located if isinstance(located, (str, os.PathLike)) else located.path)
+    return os.fspath(ensure_embedded_model())
 
 
 @pytest.fixture(scope="module", params=["tiny", "smollm"])
@@ -504,3 +503,97 @@ def test_cli_all_requests_failing(fake, tok_dir, capsys):
     out = capsys.readouterr()
     assert rc == 1 and "Failed requests" in out.out and "injected failure" in out.out
     assert "warm-up request failed" in out.err
+
+
+# ----------------------------------------------------------------------------- a real Skiff server
+
+
+def _skiff_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("server.__main__") is not None
+
+
+@pytest.fixture(scope="module")
+def skiff(tmp_path_factory):
+    """`python -m server` on the embedded model (CPU), started once for the real-server tests."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    if not _skiff_available():
+        pytest.skip("the Skiff server (python -m server) is not in this tree yet")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("skiff") / "server.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port)], stdout=sink,
+                                stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not healthy after 300 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _skiff_bench(url: str, out: Path, *args: str) -> dict:
+    rc = main(["--base-url", url, "--disable-tqdm", "--output", str(out), "--max-concurrency", "4", *args])
+    results = json.loads(out.read_text())
+    assert rc == 0, results["errors"]
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["random-chat", "random-completions", "shared-prefix", "sharegpt", "file"])
+def test_bench_against_skiff(skiff, tmp_path, case):
+    dataset, _, backend = case.partition("-")
+    args = ["--backend", backend or "chat"]
+    if dataset == "random":
+        args += ["--dataset", "random", "--num-prompts", "6", "--random-input-len", "48",
+                 "--random-output-len", "8", "--random-range-ratio", "0.5"]
+    elif dataset == "shared":
+        args += ["--dataset", "shared-prefix", "--shared-prefix-groups", "2", "--shared-prefix-prompts-per-group",
+                 "3", "--shared-prefix-system-len", "96", "--shared-prefix-question-len", "8",
+                 "--shared-prefix-output-len", "6"]
+    elif dataset == "sharegpt":
+        words = _words(200, seed=9)
+        convs = [{"conversations": [{"from": "human", "value": " ".join(words[i * 10:i * 10 + 6 + i])},
+                                    {"from": "gpt", "value": " ".join(words[100 + i * 8:100 + i * 8 + 5])}]}
+                 for i in range(5)]
+        (tmp_path / "sharegpt.json").write_text(json.dumps(convs))
+        args += ["--dataset", "sharegpt", "--dataset-path", str(tmp_path / "sharegpt.json"), "--num-prompts", "5"]
+    else:
+        (tmp_path / "prompts.jsonl").write_text(
+            '"What is the capital of France?"\n{"prompt": "Name three colors.", "output_len": 7}\n')
+        args += ["--dataset", "file", "--dataset-path", str(tmp_path / "prompts.jsonl"), "--num-prompts", "4",
+                 "--random-output-len", "5"]
+    results = _skiff_bench(skiff, tmp_path / "out.json", *args)
+    m, reqs = results["metrics"], results["requests"]
+    assert m["failed"] == 0 and m["completed"] == len(reqs) > 0
+    assert m["total_output_tokens"] == sum(r["requested_output_len"] for r in reqs)
+    assert m["output_len_mismatches"] == 0 and all(r["usage_reported"] for r in reqs)
+    assert 0 < m["ttft_ms"]["median"] <= m["e2e_ms"]["median"] < 60_000
+    assert m["itl_ms"]["count"] > 0 and m["output_throughput"] > 0
+    if backend == "completions":
+        # Token-id prompts: the server counts exactly the tokens the dataset built.
+        assert [r["input_len"] for r in reqs] == [r["prompt_len"] for r in reqs]
+    if dataset == "shared":
+        # The warm-up computed one group's system prompt; that group's 3 measured requests reuse it.
+        assert m["cached_tokens"] >= 3 * 96

@@ -11,6 +11,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict
 from typing import Any, Optional, Sequence
 
@@ -173,9 +174,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ("Max request concurrency", args.max_concurrency or "not set"),
     ]
     print(format_table(metrics, info, cache))
-    errors = sorted({r.error for r in result.records if r.error})
-    for err in errors[:5]:
-        print(f"error sample: {err}")
+    errors = Counter(r.error for r in result.records if r.error)
+    for err, count in errors.most_common(5):
+        print(f"failed x{count}: {err}")
+    if len(errors) > 5:
+        print(f"... and {len(errors) - 5} more distinct errors (all in --output)")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(results_json(args, endpoint, result, metrics, cache), f, indent=1)

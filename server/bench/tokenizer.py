@@ -29,9 +29,7 @@ def _embedded_tokenizer() -> Any:
     # Written by the model-loading engineer; imported lazily because it pulls in torch.
     from scheduler_proc.models.embedded import ensure_embedded_model
 
-    located = ensure_embedded_model()
-    path = located if isinstance(located, (str, os.PathLike)) else getattr(located, "path", located)
-    return _from_pretrained(os.fspath(path), offline=True)
+    return _from_pretrained(os.fspath(ensure_embedded_model()), offline=True)
 
 
 def load_tokenizer(tokenizer: Optional[str], model: str) -> Any:
