@@ -1,0 +1,184 @@
+"""FlashInfer attention over the shared paged KV layout (NHD pages, see `kernels/base.py`).
+
+- Pure decode batches run `BatchDecodeWithPagedKVCacheWrapper` with tensor cores (GQA groups of
+  4-8 query heads per kv head make the tensor-core path the fast one); everything else (prefill
+  with a cached prefix, mixed prefill + decode) runs `BatchPrefillWithPagedKVCacheWrapper` with a
+  causal mask, which FlashInfer aligns to the end of each sequence's KV (query j of a sequence
+  with prefix p sits at position p + j), exactly our contract.
+- `prepare` plans once per step from host-side lengths (no device sync); every layer reuses the
+  plan. One float workspace is allocated once and shared by all wrappers: only one of them runs
+  at a time on the stream.
+- K/V of new tokens are written by our Triton `store_kv` (one launch for K and V, any
+  `out_cache_loc`; FlashInfer's append kernel needs per-token batch indices and positions that
+  we would first have to build).
+- CUDA graphs: one decode wrapper per captured batch size in FlashInfer's `use_cuda_graph` mode,
+  over fixed indptr / indices / last-page-len buffers. Replay re-plans (host work plus small
+  copies into those buffers) before the graph launches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from kernels.base import AttentionBatch, BaseAttentionBackend, KVCache
+from kernels.triton_ops import store_kv
+
+DEFAULT_WORKSPACE_BYTES = 256 << 20
+
+
+class FlashInferUnavailableError(RuntimeError):
+    """FlashInfer is not installed or there is no CUDA device."""
+
+
+def _import_flashinfer():
+    try:
+        import flashinfer  # noqa: F401  (heavy: imported only when this backend is built)
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise FlashInferUnavailableError(f"flashinfer is not importable: {e}") from e
+    return flashinfer
+
+
+@dataclass
+class FlashInferMeta:
+    """One step's plan. `wrapper` is planned once (in prepare, or at layer 0 when the backend was
+    built without a dtype) and run by every layer."""
+
+    wrapper: object
+    is_decode: bool
+    out_cache_loc: torch.Tensor
+    plan_args: tuple
+    planned: bool = False
+
+
+def _host_layout(q_lens: list[int], seq_lens: list[int], page_size: int):
+    """qo_indptr, kv_indptr, last_page_len as int32 CPU tensors (from host lists: no sync)."""
+    qo, kv, last = [0], [0], []
+    for q, s in zip(q_lens, seq_lens):
+        qo.append(qo[-1] + q)
+        kv.append(kv[-1] + (s + page_size - 1) // page_size)
+        last.append((s - 1) % page_size + 1)
+    i32 = torch.int32
+    return torch.tensor(qo, dtype=i32), torch.tensor(kv, dtype=i32), torch.tensor(last, dtype=i32)
+
+
+class FlashInferAttentionBackend(BaseAttentionBackend):
+    """The default CUDA backend. See the module docstring for how each batch kind runs."""
+
+    supports_cuda_graph = True
+
+    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: Optional[float] = None,
+                 *, device: torch.device | str = "cuda", dtype: Optional[torch.dtype] = None,
+                 workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, prefill_backend: str = "auto"):
+        super().__init__(num_q_heads, num_kv_heads, head_dim, scale)
+        if num_q_heads % num_kv_heads:
+            raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} kv heads")
+        self._fi = _import_flashinfer()
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise FlashInferUnavailableError(f"FlashInfer needs a CUDA device, got {self.device}")
+        self.dtype = dtype
+        self._workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=self.device)
+        self._prefill = self._fi.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD",
+                                                                     backend=prefill_backend)
+        self._decode = self._fi.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD",
+                                                                   use_tensor_cores=True)
+        self._graph_wrappers: dict[int, object] = {}
+        self._page_size: Optional[int] = None  # of the last planned batch; graphs reuse it
+
+    # ------------------------------------------------------------------------------ planning
+
+    def _plan(self, meta: FlashInferMeta, dtype: torch.dtype) -> None:
+        common = dict(q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale)
+        if meta.is_decode:
+            kv_indptr, kv_indices, last = meta.plan_args
+            meta.wrapper.plan(kv_indptr, kv_indices, last, self.num_q_heads, self.num_kv_heads,
+                              self.head_dim, self._page_size, **common)
+        else:
+            qo_indptr, kv_indptr, kv_indices, last = meta.plan_args
+            meta.wrapper.plan(qo_indptr, kv_indptr, kv_indices, last, self.num_q_heads, self.num_kv_heads,
+                              self.head_dim, self._page_size, causal=True, **common)
+        meta.planned = True
+        self.dtype = dtype
+
+    def prepare(self, batch: AttentionBatch) -> FlashInferMeta:
+        self._page_size = batch.page_size
+        qo, kv, last = _host_layout(batch.q_lens_cpu, batch.seq_lens_cpu, batch.page_size)
+        if batch.is_decode:
+            meta = FlashInferMeta(self._decode, True, batch.out_cache_loc, (kv, batch.kv_indices, last))
+        else:
+            meta = FlashInferMeta(self._prefill, False, batch.out_cache_loc, (qo, kv, batch.kv_indices, last))
+        if self.dtype is not None:
+            self._plan(meta, self.dtype)
+        return meta
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+                kv_cache: KVCache, meta: FlashInferMeta) -> torch.Tensor:
+        if not meta.planned:
+            self._plan(meta, q.dtype)
+        kf, vf = kv_cache.flat(layer)
+        store_kv(kf, vf, meta.out_cache_loc, k, v)
+        return meta.wrapper.run(q.contiguous(), (kv_cache.k[layer], kv_cache.v[layer]))
+
+    # ---------------------------------------------------------------------------- CUDA graphs
+
+    def init_cuda_graph(self, max_bs: int, max_pages: int) -> None:
+        dev = self.device
+        self._g_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=dev)
+        self._g_indices = torch.zeros(max_pages, dtype=torch.int32, device=dev)
+        self._g_last = torch.ones(max_bs, dtype=torch.int32, device=dev)
+        self._g_loc = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self._g_max_bs, self._g_max_pages = max_bs, max_pages
+        self._graph_wrappers = {}
+
+    def _graph_wrapper(self, bs: int):
+        w = self._graph_wrappers.get(bs)
+        if w is None:
+            w = self._fi.BatchDecodeWithPagedKVCacheWrapper(
+                self._workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+                paged_kv_indptr_buffer=self._g_indptr[:bs + 1], paged_kv_indices_buffer=self._g_indices,
+                paged_kv_last_page_len_buffer=self._g_last[:bs])
+            self._graph_wrappers[bs] = w
+        return w
+
+    def _check_graph_dtype(self) -> torch.dtype:
+        if self.dtype is None:
+            raise ValueError("FlashInferAttentionBackend needs dtype= (or one eager step) before CUDA graphs")
+        return self.dtype
+
+    def capture_metadata(self, bs: int, page_size: int | None = None) -> FlashInferMeta:
+        """Plan `bs` one-token sequences over the reserved page 0 (the shapes the graph records)."""
+        if page_size is not None:
+            self._page_size = page_size
+        if self._page_size is None:
+            raise ValueError("capture_metadata needs page_size= before any batch was prepared")
+        if bs > self._g_max_bs:
+            raise ValueError(f"batch size {bs} exceeds the captured maximum {self._g_max_bs}")
+        indptr = torch.arange(bs + 1, dtype=torch.int32)
+        meta = FlashInferMeta(self._graph_wrapper(bs), True, self._g_loc[:bs],
+                              (indptr, torch.zeros(bs, dtype=torch.int32, device=self.device),
+                               torch.ones(bs, dtype=torch.int32)))
+        self._plan(meta, self._check_graph_dtype())
+        return meta
+
+    def replay_metadata(self, batch: AttentionBatch, bs: int) -> FlashInferMeta:
+        """Re-plan the bs-wrapper for `batch` padded with one-token rows on page 0."""
+        B = batch.num_seqs
+        pad = bs - B
+        if pad < 0:
+            raise ValueError(f"batch of {B} sequences does not fit graph size {bs}")
+        self._page_size = batch.page_size
+        _, kv, last = _host_layout(batch.q_lens_cpu, batch.seq_lens_cpu + [1] * pad, batch.page_size)
+        indices = batch.kv_indices
+        if pad:
+            indices = torch.cat([indices, torch.zeros(pad, dtype=indices.dtype, device=indices.device)])
+        if indices.shape[0] > self._g_max_pages:
+            raise ValueError(f"{indices.shape[0]} pages exceed the graph buffer of {self._g_max_pages}")
+        self._g_loc[:B].copy_(batch.out_cache_loc, non_blocking=True)
+        if pad:
+            self._g_loc[B:bs].zero_()
+        meta = FlashInferMeta(self._graph_wrapper(bs), True, self._g_loc[:bs], (kv, indices, last))
+        self._plan(meta, self._check_graph_dtype())
+        return meta

@@ -1,0 +1,238 @@
+"""Small fused Triton kernels for the decode/prefill hot path, each with its torch reference.
+
+Every op here replaces a chain of torch kernels (several launches and round trips through HBM)
+with one launch. Each `*_ref` function is the exact torch definition the kernel is tested
+against; callers on CPU (or without Triton) use the reference directly.
+
+- `store_kv`: write new tokens' K and V into the paged pool at flat slots (one launch for both).
+- `rotary_embedding`: neox-style RoPE on q and k in place, from a [max_pos, rot_dim] cos|sin cache.
+- `rmsnorm` / `fused_add_rmsnorm`: RMSNorm, and residual add + RMSNorm in one pass.
+- `gather_tokens`: next decode's input ids from the GPU token table (overlap scheduling).
+
+Tensors must be contiguous in their last dimension; the kernels take row strides so views of a
+fused qkv projection work without a copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _launch_warps(block: int) -> int:
+    # One warp per 256 elements of a row keeps every lane busy without spilling registers.
+    return max(1, min(8, block // 256))
+
+
+# ---------------------------------------------------------------------------------------- store K/V
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, loc_ptr,
+                     k_stride, v_stride, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(loc_ptr + t).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < ROW
+    k = tl.load(k_ptr + t * k_stride + offs, mask=mask)
+    v = tl.load(v_ptr + t * v_stride + offs, mask=mask)
+    tl.store(k_cache_ptr + slot * ROW + offs, k, mask=mask)
+    tl.store(v_cache_ptr + slot * ROW + offs, v, mask=mask)
+
+
+def store_kv_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor,
+                 k: torch.Tensor, v: torch.Tensor) -> None:
+    """k_cache/v_cache: [num_slots, H, D]; loc: [T]; k/v: [T, H, D]."""
+    k_cache[loc] = k
+    v_cache[loc] = v
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor) -> None:
+    """Same contract as `store_kv_ref`, one launch for K and V."""
+    T = loc.shape[0]
+    if T == 0:
+        return
+    row = k_cache.shape[1] * k_cache.shape[2]
+    if k.stride(-1) != 1 or k.stride(-2) != k.shape[-1] or v.stride(-1) != 1 or v.stride(-2) != v.shape[-1]:
+        k, v = k.contiguous(), v.contiguous()
+    block = triton.next_power_of_2(row)
+    _store_kv_kernel[(T,)](k, v, k_cache, v_cache, loc, k.stride(0), v.stride(0),
+                           ROW=row, BLOCK=block, num_warps=_launch_warps(block))
+
+
+# -------------------------------------------------------------------------------------------- RoPE
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, pos_ptr, cache_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
+                 NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    t = tl.program_id(0)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    dmask = d < HALF
+    cos = tl.load(cache_ptr + pos * (2 * HALF) + d, mask=dmask, other=0.0)[None, :]
+    sin = tl.load(cache_ptr + pos * (2 * HALF) + HALF + d, mask=dmask, other=0.0)[None, :]
+    h = tl.arange(0, BLOCK_H)
+
+    qmask = (h[:, None] < NUM_Q_HEADS) & dmask[None, :]
+    q1p = q_ptr + t * q_stride_t + h[:, None] * q_stride_h + d[None, :]
+    q1 = tl.load(q1p, mask=qmask, other=0.0).to(tl.float32)
+    q2 = tl.load(q1p + HALF, mask=qmask, other=0.0).to(tl.float32)
+    tl.store(q1p, (q1 * cos - q2 * sin).to(q_ptr.dtype.element_ty), mask=qmask)
+    tl.store(q1p + HALF, (q2 * cos + q1 * sin).to(q_ptr.dtype.element_ty), mask=qmask)
+
+    kmask = (h[:, None] < NUM_K_HEADS) & dmask[None, :]
+    k1p = k_ptr + t * k_stride_t + h[:, None] * k_stride_h + d[None, :]
+    k1 = tl.load(k1p, mask=kmask, other=0.0).to(tl.float32)
+    k2 = tl.load(k1p + HALF, mask=kmask, other=0.0).to(tl.float32)
+    tl.store(k1p, (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty), mask=kmask)
+    tl.store(k1p + HALF, (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty), mask=kmask)
+
+
+def rope_cos_sin_cache(max_pos: int, rot_dim: int, base: float, device=None,
+                       inv_freq: torch.Tensor | None = None) -> torch.Tensor:
+    """[max_pos, rot_dim] float32: cos(pos * f) in the first half, sin in the second.
+
+    Pass `inv_freq` ([rot_dim // 2]) for scaled variants (Llama 3, YaRN); otherwise plain
+    `base ** (-2i / rot_dim)`.
+    """
+    if inv_freq is None:
+        inv_freq = base ** (-torch.arange(0, rot_dim, 2, dtype=torch.float64, device=device) / rot_dim)
+    t = torch.arange(max_pos, dtype=torch.float64, device=device)
+    freqs = torch.outer(t, inv_freq.to(device=device, dtype=torch.float64))
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
+
+
+def rotary_embedding_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                         cos_sin_cache: torch.Tensor) -> None:
+    """In place, neox style on the first rot_dim channels. q: [T, Hq, D]; k: [T, Hk, D]."""
+    half = cos_sin_cache.shape[-1] // 2
+    cs = cos_sin_cache[positions.long()]
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+    for x in (q, k):
+        x1 = x[..., :half].float()
+        x2 = x[..., half:2 * half].float()
+        out1, out2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        x[..., :half] = out1.to(x.dtype)
+        x[..., half:2 * half] = out2.to(x.dtype)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> None:
+    """Same contract as `rotary_embedding_ref`: one launch rotates q and k of a token together."""
+    T = positions.shape[0]
+    if T == 0:
+        return
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("rotary_embedding needs q and k contiguous in the head dimension")
+    half = cos_sin_cache.shape[-1] // 2
+    if 2 * half > q.shape[-1]:
+        raise ValueError(f"rotary dim {2 * half} exceeds head dim {q.shape[-1]}")
+    bh = triton.next_power_of_2(max(q.shape[1], k.shape[1]))
+    bhalf = triton.next_power_of_2(half)
+    _rope_kernel[(T,)](q, k, positions, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                       NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HALF=half,
+                       BLOCK_H=bh, BLOCK_HALF=bhalf, num_warps=_launch_warps(bh * bhalf))
+
+
+# ----------------------------------------------------------------------------------------- RMSNorm
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, x_stride, res_stride, out_stride, eps,
+                    N: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + r * x_stride + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        # The residual stream is kept in the activation dtype (as HF does), so round the sum
+        # before normalising it.
+        x = x + tl.load(res_ptr + r * res_stride + offs, mask=mask, other=0.0)
+        tl.store(res_ptr + r * res_stride + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / N
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    y = (xf * tl.rsqrt(var + eps)).to(x_ptr.dtype.element_ty) * w
+    tl.store(out_ptr + r * out_stride + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF Llama RMSNorm over the last dim: normalise in float32, cast back, scale by weight."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+def fused_add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                          eps: float) -> torch.Tensor:
+    """residual += x (in place); returns rmsnorm(residual)."""
+    residual.add_(x)
+    return rmsnorm_ref(residual, weight, eps)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    if x.stride(-1) != 1:
+        raise ValueError("rmsnorm needs rows contiguous in the last dimension")
+    return x.reshape(-1, x.shape[-1])
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Same contract as `rmsnorm_ref`; x: [..., N] (e.g. [T, H, D] for per-head QK-norm)."""
+    x2 = _rows(x)
+    out = torch.empty_like(x2)
+    if x2.shape[0]:
+        n = x2.shape[1]
+        block = triton.next_power_of_2(n)
+        _rmsnorm_kernel[(x2.shape[0],)](x2, x2, weight, out, x2.stride(0), x2.stride(0), out.stride(0), eps,
+                                        N=n, BLOCK=block, HAS_RES=False, num_warps=_launch_warps(block))
+    return out.view(x.shape)
+
+
+def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    """Same contract as `fused_add_rmsnorm_ref`, one read of x and residual, one launch."""
+    x2, r2 = _rows(x), _rows(residual)
+    out = torch.empty_like(x2)
+    if x2.shape[0]:
+        n = x2.shape[1]
+        block = triton.next_power_of_2(n)
+        _rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, out, x2.stride(0), r2.stride(0), out.stride(0), eps,
+                                        N=n, BLOCK=block, HAS_RES=True, num_warps=_launch_warps(block))
+    return out.view(x.shape)
+
+
+# ----------------------------------------------------------------------------------- gather tokens
+
+
+@triton.jit
+def _gather_tokens_kernel(table_ptr, slots_ptr, pos_ptr, out_ptr, n, table_stride, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    slot = tl.load(slots_ptr + offs, mask=mask, other=0).to(tl.int64)
+    pos = tl.load(pos_ptr + offs, mask=mask, other=0).to(tl.int64)
+    tok = tl.load(table_ptr + slot * table_stride + pos, mask=mask, other=0)
+    tl.store(out_ptr + offs, tok, mask=mask)
+
+
+def gather_tokens_ref(token_table: torch.Tensor, req_slots: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
+    """token_table: [num_slots, max_len]; returns token_table[req_slots[i], positions[i]]."""
+    return token_table[req_slots.long(), positions.long()]
+
+
+def gather_tokens(token_table: torch.Tensor, req_slots: torch.Tensor, positions: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as `gather_tokens_ref`; writes into `out` ([n], table dtype) when given, so a
+    CUDA graph's static input-id buffer can be filled without an extra copy."""
+    n = req_slots.shape[0]
+    if out is None:
+        out = torch.empty(n, dtype=token_table.dtype, device=token_table.device)
+    if n:
+        block = 256
+        _gather_tokens_kernel[(triton.cdiv(n, block),)](token_table, req_slots, positions, out, n,
+                                                        token_table.stride(0), BLOCK=block)
+    return out

@@ -1,0 +1,114 @@
+"""Our Triton kernels on the CPU, in Triton's interpreter (TRITON_INTERPRET=1), on tiny shapes.
+
+Triton picks interpreter mode when a kernel is defined, so the checks run in a child pytest
+process started with the variable set; in the parent only the driver test runs. float32 only:
+the interpreter's bfloat16 arithmetic is not faithful.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+in_child = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process")
+
+try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover
+    HAVE_TRITON = False
+
+
+@pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="driver runs only in the parent, needs triton")
+def test_triton_kernels_in_interpreter():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+                       env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout
+
+
+# ------------------------------------------------------------------------------ child checks
+
+
+@in_child
+@pytest.mark.parametrize("scenario", ["prefill_with_prefix", "decode", "mixed"])
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_attention_kernels_match_reference(scenario, page_size):
+    from paged_attention_ref import make_paged_case, reference_attention
+    from kernels.triton_backend import TritonAttentionBackend
+
+    shapes = {"prefill_with_prefix": ([9, 17], [5, 0]), "decode": ([1] * 4, [0, 3, 8, 21]),
+              "mixed": ([1, 12, 1], [6, 3, 0])}
+    q_lens, prefix = shapes[scenario]
+    case = make_paged_case(q_lens, prefix, num_q_heads=6, num_kv_heads=2, head_dim=16, page_size=page_size,
+                           dtype=torch.float32, device="cpu")
+    ref = reference_attention(case)
+    be = TritonAttentionBackend(6, 2, 16, device="cpu")
+    out = be.forward(case.q, case.k, case.v, 0, case.kv_cache, be.prepare(case.batch))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    kf, vf = case.kv_cache.flat(0)
+    assert torch.equal(kf[case.batch.out_cache_loc], case.k)
+    assert torch.equal(vf[case.batch.out_cache_loc], case.v)
+
+
+@in_child
+def test_decode_graph_buffers_with_padding():
+    """replay_metadata pads to a larger size with page-0 rows; real rows are unaffected."""
+    from paged_attention_ref import make_paged_case, reference_attention
+    from kernels.triton_backend import TritonAttentionBackend
+
+    case = make_paged_case([1, 1, 1], [4, 9, 0], num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=2,
+                           dtype=torch.float32, device="cpu")
+    ref = reference_attention(case)
+    be = TritonAttentionBackend(4, 2, 16, device="cpu")
+    be.init_cuda_graph(max_bs=8, max_pages=64)
+    be.capture_metadata(8)
+    meta = be.replay_metadata(case.batch, 8)
+    pad = lambda x: torch.cat([x, torch.zeros((5,) + x.shape[1:], dtype=x.dtype)])  # noqa: E731
+    out = be.forward(pad(case.q), pad(case.k), pad(case.v), 0, case.kv_cache, meta)
+    torch.testing.assert_close(out[:3], ref, atol=1e-5, rtol=1e-5)
+    assert meta.seq_lens.tolist() == [5, 10, 1, 1, 1, 1, 1, 1]
+    n = case.batch.kv_indices.shape[0]
+    assert meta.kv_indptr.tolist()[3:] == [n + i for i in range(0, 6)]
+
+
+@in_child
+def test_ops_match_references():
+    from kernels import triton_ops as ops
+
+    g = torch.Generator().manual_seed(0)
+    kc, vc = torch.zeros(40, 3, 8), torch.zeros(40, 3, 8)
+    kc2, vc2 = kc.clone(), vc.clone()
+    loc = torch.tensor([7, 3, 39, 0])
+    k, v = torch.randn(4, 3, 8, generator=g), torch.randn(4, 3, 8, generator=g)
+    ops.store_kv(kc, vc, loc, k, v)
+    ops.store_kv_ref(kc2, vc2, loc, k, v)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+    cache = ops.rope_cos_sin_cache(64, 16, 10000.0)
+    qkv = torch.randn(5, (4 + 2 + 2) * 16, generator=g)  # q, k as strided views of a fused projection
+    q, kk = qkv[:, :64].view(5, 4, 16), qkv[:, 64:96].view(5, 2, 16)
+    q2, k2 = q.clone(), kk.clone()
+    pos = torch.tensor([0, 3, 63, 5, 6])
+    ops.rotary_embedding(pos, q, kk, cache)
+    ops.rotary_embedding_ref(pos, q2, k2, cache)
+    torch.testing.assert_close(q, q2)
+    torch.testing.assert_close(kk, k2)
+
+    x, r, w = torch.randn(6, 40, generator=g), torch.randn(6, 40, generator=g), torch.randn(40, generator=g)
+    r1, r2 = r.clone(), r.clone()
+    torch.testing.assert_close(ops.fused_add_rmsnorm(x, r1, w, 1e-5), ops.fused_add_rmsnorm_ref(x, r2, w, 1e-5))
+    torch.testing.assert_close(r1, r2)
+    torch.testing.assert_close(ops.rmsnorm(x.view(2, 3, 40), w, 1e-6), ops.rmsnorm_ref(x.view(2, 3, 40), w, 1e-6))
+
+    table = torch.randint(0, 1000, (10, 20), generator=g)
+    slots, positions = torch.tensor([3, 0, 9]), torch.tensor([19, 0, 5])
+    assert torch.equal(ops.gather_tokens(table, slots, positions), ops.gather_tokens_ref(table, slots, positions))
