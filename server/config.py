@@ -29,6 +29,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: Optional[str] = None
+    graceful_shutdown_timeout: float = 15.0
     # --- engine ---
     tp_size: int = 1
     page_size: int = 1
@@ -69,6 +70,8 @@ _HELP = {
     "host": "Address to listen on.",
     "port": "Port to listen on.",
     "api_key": "Require 'Authorization: Bearer <key>' on every /v1 request.",
+    "graceful_shutdown_timeout": "Seconds in-flight requests may keep running after SIGTERM/SIGINT "
+    "before they are aborted.",
     "tp_size": "Tensor-parallel degree: one scheduler process per rank.",
     "page_size": "Tokens per KV page.",
     "chunked_prefill_size": "Token budget of one step; longer prompts are prefilled in chunks.",

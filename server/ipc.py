@@ -131,12 +131,125 @@ class SchedulerStats(msgspec.Struct, tag=True):
     timestamp: float = 0.0
 
 
+# ----------------------------------------------------------------------------- server-side messages
+# server -> tokenizer: GenerateRequest, TokenizeRequest, DetokenizeRequest, AbortRequest, FlushCacheRequest
+# tokenizer -> server: TokenizeResult, DetokenizeResult, ErrorOutput
+# scheduler -> detokenizer: RequestStarted, BatchTokenOutput, ErrorOutput, FlushCacheResult, SchedulerStats
+# detokenizer -> server: BatchTextOutput, plus the scheduler's ErrorOutput / FlushCacheResult / SchedulerStats
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    """One chat turn, its content already flattened to text by the API server."""
+
+    role: str
+    content: str
+
+
+class GenerateRequest(msgspec.Struct, tag=True):
+    """A generation request from the API server, before tokenization.
+
+    Exactly one of `messages` (chat: the tokenizer applies the chat template), `prompt_text` or
+    `prompt_ids` is set. `max_tokens` None means "the rest of the context"; the tokenizer fills
+    `params.max_new_tokens` from it after checking prompt + max_tokens against the context length.
+    """
+
+    rid: str
+    params: SamplingParams
+    stream: bool = True
+    messages: Optional[list[ChatMessage]] = None
+    prompt_text: Optional[str] = None
+    prompt_ids: Optional[list[int]] = None
+    max_tokens: Optional[int] = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+class TokenizeRequest(msgspec.Struct, tag=True):
+    """/tokenize: text (with add_special_tokens) or chat messages (rendered with the template)."""
+
+    req_id: str
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResult(msgspec.Struct, tag=True):
+    req_id: str
+    tokens: list[int]
+    max_model_len: int
+    token_strs: Optional[list[str]] = None
+
+
+class DetokenizeRequest(msgspec.Struct, tag=True):
+    req_id: str
+    tokens: list[int]
+
+
+class DetokenizeResult(msgspec.Struct, tag=True):
+    req_id: str
+    prompt: str
+
+
+class ErrorOutput(msgspec.Struct, tag=True):
+    """A request (or control call) failed; `message` is shown to the client with `status`."""
+
+    rid: str
+    message: str
+    status: int = 400
+    param: Optional[str] = None
+
+
+class RequestStarted(msgspec.Struct, tag=True):
+    """Scheduler rank 0 -> detokenizer, sent before the request's first TokenOutput on the same
+    socket: what the detokenizer needs to turn its tokens into text."""
+
+    rid: str
+    params: SamplingParams
+    prompt_tail: list[int]  # last few prompt ids: context for the first token's leading space
+
+
+class TextOutput(msgspec.Struct, array_like=True):
+    """New text of one request (detokenizer -> server). `text` is the delta since the last output.
+
+    abort_upstream: the detokenizer finished the request (a stop string matched) while the
+    scheduler still runs it; the server must send an AbortRequest to free its KV.
+    token_texts: the text of each new token (only when logprobs were requested), and
+    top_token_texts the text of each alternative in top_logprobs, row by row.
+    """
+
+    rid: str
+    text: str
+    token_ids: list[int]
+    finish_reason: Optional[str] = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    matched_stop: Optional[Union[int, str]] = None
+    abort_upstream: bool = False
+    logprobs: Optional[list[float]] = None
+    top_logprobs: Optional[list[TopLogprobs]] = None
+    token_texts: Optional[list[str]] = None
+    top_token_texts: Optional[list[list[str]]] = None
+    prompt_logprobs: Optional[list[Optional[float]]] = None
+    prompt_top_logprobs: Optional[list[Optional[TopLogprobs]]] = None
+
+
+class BatchTextOutput(msgspec.Struct, tag=True):
+    outputs: list[TextOutput]
+
+
 SchedulerInbound = Union[TokenizedRequest, AbortRequest, FlushCacheRequest, Shutdown]
-SchedulerOutbound = Union[BatchTokenOutput, FlushCacheResult, SchedulerStats]
+SchedulerOutbound = Union[BatchTokenOutput, FlushCacheResult, SchedulerStats, RequestStarted, ErrorOutput]
+TokenizerInbound = Union[GenerateRequest, TokenizeRequest, DetokenizeRequest, AbortRequest, FlushCacheRequest]
+ServerInbound = Union[BatchTextOutput, ErrorOutput, FlushCacheResult, SchedulerStats, TokenizeResult,
+                      DetokenizeResult]
 
 Message = Union[
     TokenizedRequest, AbortRequest, FlushCacheRequest, FlushCacheResult, Shutdown,
-    BatchTokenOutput, SchedulerStats,
+    BatchTokenOutput, SchedulerStats, GenerateRequest, TokenizeRequest, TokenizeResult,
+    DetokenizeRequest, DetokenizeResult, ErrorOutput, RequestStarted, BatchTextOutput,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

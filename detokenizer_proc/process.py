@@ -1,0 +1,114 @@
+"""The detokenizer process: token ids from the scheduler -> text deltas for the API server.
+
+scheduler rank 0 --RequestStarted/BatchTokenOutput--> [detokenizer] --BatchTextOutput--> server
+`RequestStarted` arrives on the same socket before a request's first tokens, so per-request state
+always exists when tokens come; tokens for a request it no longer knows (finished here by a stop
+string, then aborted upstream) are dropped. Other scheduler messages (stats, flush results, errors)
+are forwarded to the server unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import zmq
+
+from server import ipc
+from server.config import ServerConfig
+from server.process_util import IpcPaths, ModelInfo, pull_socket, push_socket, report_failure, report_ready, setup_child
+from detokenizer_proc.incremental import IncrementalDetokenizer
+from tokenizer_proc.tokenizer import TextTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class _ReqState:
+    __slots__ = ("detok", "logprobs")
+
+    def __init__(self, detok: IncrementalDetokenizer, logprobs: bool):
+        self.detok, self.logprobs = detok, logprobs
+
+
+class DetokenizerWorker:
+    """Per-request incremental detokenization; pure logic, no sockets."""
+
+    def __init__(self, tokenizer: TextTokenizer):
+        self.tok = tokenizer
+        self.states: dict[str, _ReqState] = {}
+
+    def start(self, msg: ipc.RequestStarted) -> None:
+        p = msg.params
+        detok = IncrementalDetokenizer(self.tok.decode, msg.prompt_tail, p.stop, p.skip_special_tokens)
+        self.states[msg.rid] = _ReqState(detok, p.logprobs or p.prompt_logprobs)
+
+    def process(self, out: ipc.TokenOutput) -> Optional[ipc.TextOutput]:
+        state = self.states.get(out.rid)
+        if state is None:
+            return None
+        finished = out.finish_reason is not None
+        ids = out.token_ids
+        if (out.finish_reason == "stop" and isinstance(out.matched_stop, int) and ids
+                and ids[-1] == out.matched_stop):
+            ids = ids[:-1]  # the stop token's text is not part of the output (OpenAI semantics)
+        delta = state.detok.feed(ids, final=finished)
+        finish, matched, abort_upstream = out.finish_reason, out.matched_stop, False
+        if delta.stop is not None:
+            abort_upstream = not finished
+            finish, matched, finished = "stop", delta.stop, True
+        if finished:
+            del self.states[out.rid]
+        if not (finished or delta.text or state.logprobs):
+            return None
+        text_out = ipc.TextOutput(
+            rid=out.rid, text=delta.text, token_ids=out.token_ids, finish_reason=finish,
+            prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
+            completion_tokens=out.completion_tokens, matched_stop=matched, abort_upstream=abort_upstream,
+        )
+        if state.logprobs:
+            text_out.logprobs, text_out.top_logprobs = out.logprobs, out.top_logprobs
+            text_out.prompt_logprobs, text_out.prompt_top_logprobs = out.prompt_logprobs, out.prompt_top_logprobs
+            text_out.token_texts = [self.tok.decode([t], False) for t in out.token_ids]
+            if out.top_logprobs:
+                text_out.top_token_texts = [[self.tok.decode([t], False) for t in row.token_ids]
+                                            for row in out.top_logprobs]
+        return text_out
+
+
+def run_detokenizer(config: ServerConfig, paths: IpcPaths, info: ModelInfo, ready_conn) -> None:
+    """Process entry point."""
+    setup_child("skiff-detok", config.log_level)
+    try:
+        worker = DetokenizerWorker(TextTokenizer(info.tokenizer_path))
+        ctx = zmq.Context()
+        inbox = pull_socket(ctx, paths.detokenizer)
+        to_server = push_socket(ctx, paths.server)
+    except BaseException as e:
+        report_failure(ready_conn, e)
+        raise
+    report_ready(ready_conn)
+    decoder = ipc.make_decoder(ipc.SchedulerOutbound)
+    while True:
+        frames = [inbox.recv()]
+        while True:  # drain what is queued so one message carries many requests' deltas
+            try:
+                frames.append(inbox.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        texts: list[ipc.TextOutput] = []
+        for frame in frames:
+            msg = decoder.decode(frame)
+            if isinstance(msg, ipc.BatchTokenOutput):
+                for out in msg.outputs:
+                    text = worker.process(out)
+                    if text is not None:
+                        texts.append(text)
+            elif isinstance(msg, ipc.RequestStarted):
+                worker.start(msg)
+            else:
+                if texts:  # keep order: deltas before a control message that followed them
+                    to_server.send(ipc.encode(ipc.BatchTextOutput(texts)))
+                    texts = []
+                to_server.send(frame)
+        if texts:
+            to_server.send(ipc.encode(ipc.BatchTextOutput(texts)))

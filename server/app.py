@@ -1,0 +1,475 @@
+"""The FastAPI app: OpenAI routes, SSE streaming, health, metrics and the control routes.
+
+Runs in the API process, which stays light (no torch, no transformers): tokenization happens in
+the tokenizer process and text comes back from the detokenizer. Bodies are decoded with msgspec
+(server/protocol.py) and responses encoded with msgspec.json, which keeps the per-token path short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Awaitable, Callable, Optional, TypeVar, Union
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import ipc, protocol
+from server.config import ServerConfig
+from server.engine_client import EngineClient, EngineDead, RequestGroup
+from server.metrics import Metrics
+from server.process_util import IpcPaths, ModelInfo
+from server.protocol import ProtocolError, error_body
+
+logger = logging.getLogger(__name__)
+
+HEALTH_STALE_S = 10.0  # no scheduler heartbeat for this long: unhealthy
+_json = msgspec.json.Encoder()
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    pass
+
+
+def _error_response(status: int, message: str, type: str = "invalid_request_error",
+                    param: Optional[str] = None, code: Optional[str] = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type, param, code), status_code=status)
+
+
+def _from_protocol_error(e: ProtocolError) -> JSONResponse:
+    return _error_response(e.status, e.message, e.type, e.param, e.code)
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + _json.encode(obj) + b"\n\n"
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+async def _until_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _or_disconnect(aw: Awaitable[T], request: Request) -> T:
+    """Await `aw`, raising ClientGone if the client disconnects first."""
+    task = asyncio.ensure_future(aw)
+    watch = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise ClientGone()
+    finally:
+        for t in (task, watch):
+            if not t.done():
+                t.cancel()
+
+
+class _Choice:
+    """Accumulates one choice's outputs."""
+
+    __slots__ = ("text", "finish_reason", "stop_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
+                 "token_texts", "logprobs", "top_texts", "top_vals", "error")
+
+    def __init__(self):
+        self.text = ""
+        self.finish_reason: Optional[str] = None
+        self.stop_reason = None
+        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
+        self.token_texts: list[str] = []
+        self.logprobs: list[float] = []
+        self.top_texts: Optional[list[list[str]]] = None
+        self.top_vals: Optional[list[list[float]]] = None
+        self.error: Optional[ipc.ErrorOutput] = None
+
+    def add(self, out: ipc.TextOutput) -> None:
+        self.text += out.text
+        self.prompt_tokens, self.cached_tokens = out.prompt_tokens, out.cached_tokens
+        self.completion_tokens = out.completion_tokens
+        if out.finish_reason is not None:
+            self.finish_reason, self.stop_reason = out.finish_reason, out.matched_stop
+        if out.logprobs is not None and out.token_texts is not None:
+            self.token_texts += out.token_texts
+            self.logprobs += out.logprobs
+            if out.top_logprobs is not None and out.top_token_texts is not None:
+                self.top_texts = (self.top_texts or []) + out.top_token_texts
+                self.top_vals = (self.top_vals or []) + [row.logprobs for row in out.top_logprobs]
+
+    def take_logprobs(self):
+        """Logprobs gathered since the last take (streaming sends them chunk by chunk)."""
+        got = (self.token_texts, self.logprobs, self.top_texts, self.top_vals)
+        self.token_texts, self.logprobs, self.top_texts, self.top_vals = [], [], None, None
+        return got
+
+
+def _usage(choices: list[_Choice]) -> dict:
+    return protocol.usage(sum(c.prompt_tokens for c in choices), sum(c.completion_tokens for c in choices),
+                          sum(c.cached_tokens for c in choices))
+
+
+def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
+               children_alive: Callable[[], bool] = lambda: True) -> FastAPI:
+    """The app for one server instance. `children_alive` is the supervisor's liveness check."""
+    model_name = config.model_name
+    metrics = Metrics(model_name)
+    created_at = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client = EngineClient(paths, metrics)
+        client.start()
+        app.state.client = client
+        yield
+        await client.close()
+
+    app = FastAPI(title="Skiff", lifespan=lifespan)
+
+    # ------------------------------------------------------------------ errors
+
+    @app.exception_handler(ProtocolError)
+    async def _protocol_error(request: Request, e: ProtocolError):
+        return _from_protocol_error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        return _error_response(400, f"invalid request: {e.errors()}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        code = "not_found" if e.status_code == 404 else None
+        return _error_response(e.status_code, str(e.detail), code=code)
+
+    @app.exception_handler(EngineDead)
+    async def _engine_dead(request: Request, e: EngineDead):
+        return _error_response(503, f"the server is shutting down: {e}", "service_unavailable")
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if config.api_key and request.url.path.startswith("/v1"):
+            header = request.headers.get("authorization", "")
+            token = header[7:] if header[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), config.api_key.encode()):
+                return _error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                       code="invalid_api_key")
+        return await call_next(request)
+
+    def _client(request: Request) -> EngineClient:
+        return request.app.state.client
+
+    def _check_model(model: Optional[str]) -> None:
+        if model is not None and model != model_name:
+            raise ProtocolError(f"The model `{model}` does not exist (this server serves `{model_name}`).",
+                                "model", 404, "model_not_found")
+
+    async def _body(request: Request, type_: type):
+        return protocol.decode_body(await request.body(), type_)
+
+    # ------------------------------------------------------------------ generation plumbing
+
+    async def _first_items(group: RequestGroup, request: Request):
+        """Wait for the first outputs; abort everything if the client leaves meanwhile."""
+        try:
+            return await _or_disconnect(group.next_items(), request)
+        except (ClientGone, asyncio.CancelledError):
+            group.abort()
+            group.close()
+            raise
+
+    def _first_error(items) -> Optional[ipc.ErrorOutput]:
+        return next((it for _, it in items if isinstance(it, ipc.ErrorOutput)), None)
+
+    async def _collect(group: RequestGroup, request: Request, n: int) -> list[_Choice]:
+        choices = [_Choice() for _ in range(n)]
+        try:
+            while True:
+                for i, item in await _or_disconnect(group.next_items(), request):
+                    if isinstance(item, ipc.ErrorOutput):
+                        choices[i].error = item
+                        group.abort()
+                        return choices
+                    choices[i].add(item)
+                if group.done:
+                    return choices
+        except (ClientGone, asyncio.CancelledError):
+            group.abort()
+            raise
+        finally:
+            group.close()
+
+    async def _stream(group: RequestGroup, first, n: int,
+                      emit: Callable[[int, _Choice, str, bool], list[bytes]],
+                      head: list[bytes], usage_chunk: Optional[Callable[[list[_Choice]], bytes]]) -> AsyncIterator[bytes]:
+        choices = [_Choice() for _ in range(n)]
+        items = first
+        try:
+            if head:
+                yield b"".join(head)
+            while True:
+                deltas: dict[int, str] = {}
+                finished: list[int] = []
+                error: Optional[ipc.ErrorOutput] = None
+                for i, item in items:
+                    if isinstance(item, ipc.ErrorOutput):
+                        error = item
+                        break
+                    c = choices[i]
+                    c.add(item)
+                    deltas[i] = deltas.get(i, "") + item.text
+                    if item.finish_reason is not None:
+                        finished.append(i)
+                parts: list[bytes] = []
+                for i, text in deltas.items():
+                    parts += emit(i, choices[i], text, i in finished)
+                if error is not None:
+                    parts.append(_sse(error_body(error.message, param=error.param)))
+                    parts.append(_DONE)
+                    yield b"".join(parts)
+                    group.abort()
+                    return
+                if group.done:
+                    if usage_chunk is not None:
+                        parts.append(usage_chunk(choices))
+                    parts.append(_DONE)
+                    yield b"".join(parts)
+                    return
+                if parts:
+                    yield b"".join(parts)
+                try:
+                    items = await group.next_items()
+                except EngineDead as e:
+                    yield _sse(error_body(f"the server is shutting down: {e}", "service_unavailable")) + _DONE
+                    return
+        finally:
+            if not group.done:  # the client disconnected (or the stream was cancelled)
+                group.abort()
+            group.close()
+
+    # ------------------------------------------------------------------ chat
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await _body(request, protocol.ChatCompletionRequest)
+        _check_model(req.model)
+        plan = protocol.plan_chat(req, info.vocab_size)
+        client = _client(request)
+        rid = client.new_id()
+        gen = ipc.GenerateRequest(rid=rid, params=plan.params, stream=plan.stream, messages=plan.messages,
+                                  max_tokens=plan.max_tokens, add_generation_prompt=req.add_generation_prompt,
+                                  continue_final_message=req.continue_final_message)
+        group = client.generate([gen])
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        try:
+            first = await _first_items(group, request)
+        except ClientGone:
+            return Response(status_code=499)
+        error = _first_error(first)
+        if error is not None:
+            group.close()
+            return _error_response(error.status, error.message, param=error.param)
+
+        if not plan.stream:
+            group.items[:0] = first
+            try:
+                choices = await _collect(group, request, 1)
+            except ClientGone:
+                return Response(status_code=499)
+            c = choices[0]
+            if c.error is not None:
+                return _error_response(c.error.status, c.error.message, param=c.error.param)
+            logprobs = None
+            if plan.params.logprobs:
+                logprobs = {"content": protocol.chat_logprobs(c.token_texts, c.logprobs, c.top_texts, c.top_vals)}
+            body = {
+                "id": response_id, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                             "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}],
+                "usage": _usage(choices), "system_fingerprint": None,
+            }
+            return Response(_json.encode(body), media_type="application/json")
+
+        extra = {"usage": None} if plan.include_usage else {}
+
+        def chunk(choice: dict) -> bytes:
+            return _sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
+                         "model": model_name, "system_fingerprint": None, "choices": [choice], **extra})
+
+        def emit(i: int, c: _Choice, text: str, finished: bool) -> list[bytes]:
+            parts = []
+            logprobs = None
+            if plan.params.logprobs:
+                texts, vals, top_t, top_v = c.take_logprobs()
+                logprobs = {"content": protocol.chat_logprobs(texts, vals, top_t, top_v)} if texts else None
+            if text or logprobs is not None:
+                parts.append(chunk({"index": i, "delta": {"content": text}, "logprobs": logprobs,
+                                    "finish_reason": None}))
+            if finished:
+                parts.append(chunk({"index": i, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason,
+                                    "stop_reason": c.stop_reason}))
+            return parts
+
+        def usage_chunk(choices: list[_Choice]) -> bytes:
+            return _sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
+                         "model": model_name, "system_fingerprint": None, "choices": [], "usage": _usage(choices)})
+
+        head = [chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                       "finish_reason": None})]
+        return StreamingResponse(_stream(group, first, 1, emit, head, usage_chunk if plan.include_usage else None),
+                                 media_type="text/event-stream")
+
+    # ------------------------------------------------------------------ completions
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await _body(request, protocol.CompletionRequest)
+        _check_model(req.model)
+        plan = protocol.plan_completion(req, info.vocab_size)
+        client = _client(request)
+        echo_texts: list[str] = []
+        if plan.echo:
+            for p in plan.prompts:
+                if isinstance(p, str):
+                    echo_texts.append(p)
+                else:
+                    res = await client.call(ipc.DetokenizeRequest(client.new_id(), p))
+                    if isinstance(res, ipc.ErrorOutput):
+                        return _error_response(res.status, res.message, param="prompt")
+                    echo_texts.append(res.prompt)
+        gens = []
+        for p in plan.prompts:
+            text, ids = (p, None) if isinstance(p, str) else (None, p)
+            gens.append(ipc.GenerateRequest(rid=client.new_id(), params=plan.params, stream=plan.stream,
+                                            prompt_text=text, prompt_ids=ids, max_tokens=plan.max_tokens))
+        group = client.generate(gens)
+        n = len(gens)
+        response_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        try:
+            first = await _first_items(group, request)
+        except ClientGone:
+            return Response(status_code=499)
+        error = _first_error(first)
+        if error is not None:
+            group.abort()
+            group.close()
+            return _error_response(error.status, error.message, param=error.param)
+
+        def logprobs_of(c: _Choice, offset: int):
+            texts, vals, top_t, top_v = c.take_logprobs()
+            return protocol.completion_logprobs(texts, vals, top_t, top_v, offset)
+
+        if not plan.stream:
+            group.items[:0] = first
+            try:
+                choices = await _collect(group, request, n)
+            except ClientGone:
+                return Response(status_code=499)
+            bad = next((c.error for c in choices if c.error is not None), None)
+            if bad is not None:
+                return _error_response(bad.status, bad.message, param=bad.param)
+            out = []
+            for i, c in enumerate(choices):
+                prefix = echo_texts[i] if plan.echo else ""
+                out.append({"index": i, "text": prefix + c.text,
+                            "logprobs": logprobs_of(c, len(prefix)) if plan.params.logprobs else None,
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+            body = {"id": response_id, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": out, "usage": _usage(choices), "system_fingerprint": None}
+            return Response(_json.encode(body), media_type="application/json")
+
+        extra = {"usage": None} if plan.include_usage else {}
+        sent_chars = [0] * n
+        echoed = [not plan.echo] * n
+
+        def emit(i: int, c: _Choice, text: str, finished: bool) -> list[bytes]:
+            if not echoed[i]:
+                text, echoed[i] = echo_texts[i] + text, True
+            logprobs = logprobs_of(c, sent_chars[i]) if plan.params.logprobs else None
+            sent_chars[i] += len(text)
+            if not (text or finished or logprobs):
+                return []
+            return [_sse({"id": response_id, "object": "text_completion", "created": created, "model": model_name,
+                          "system_fingerprint": None,
+                          "choices": [{"index": i, "text": text, "logprobs": logprobs,
+                                       "finish_reason": c.finish_reason if finished else None,
+                                       "stop_reason": c.stop_reason if finished else None}], **extra})]
+
+        def usage_chunk(choices: list[_Choice]) -> bytes:
+            return _sse({"id": response_id, "object": "text_completion", "created": created, "model": model_name,
+                         "system_fingerprint": None, "choices": [], "usage": _usage(choices)})
+
+        return StreamingResponse(_stream(group, first, n, emit, [], usage_chunk if plan.include_usage else None),
+                                 media_type="text/event-stream")
+
+    # ------------------------------------------------------------------ the rest
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": created_at, "owned_by": "skiff",
+            "root": config.model or model_name, "parent": None, "max_model_len": info.max_model_len}]}
+
+    @app.get("/health")
+    async def health(request: Request):
+        client = _client(request)
+        fresh = client.stats is not None and time.monotonic() - client.stats_at < HEALTH_STALE_S
+        if client.dead is None and children_alive() and fresh:
+            return {"status": "ok"}
+        return _error_response(503, "not ready: " + (client.dead or ("a process is not alive" if not children_alive()
+                                                                     else "no heartbeat from the scheduler")),
+                               "service_unavailable")
+
+    @app.get("/metrics")
+    async def metrics_route():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/flush_cache")
+    async def flush_cache(request: Request):
+        client = _client(request)
+        res = await client.call(ipc.FlushCacheRequest(client.new_id()))
+        if not res.ok:
+            return _error_response(400, res.message or "cannot flush the cache now")
+        return {"success": True, "message": "the prefix cache was flushed"}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = await _body(request, protocol.TokenizeBody)
+        _check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ProtocolError("send exactly one of `prompt` and `messages`", "prompt")
+        client = _client(request)
+        msgs = protocol.chat_messages(req.messages) if req.messages is not None else None
+        add_special = req.add_special_tokens if req.add_special_tokens is not None else msgs is None
+        res = await client.call(ipc.TokenizeRequest(client.new_id(), req.prompt, msgs, add_special,
+                                                    req.add_generation_prompt, req.return_token_strs))
+        if isinstance(res, ipc.ErrorOutput):
+            return _error_response(res.status, res.message, param=res.param)
+        body = {"count": len(res.tokens), "max_model_len": res.max_model_len, "tokens": res.tokens}
+        if res.token_strs is not None:
+            body["token_strs"] = res.token_strs
+        return body
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = await _body(request, protocol.DetokenizeBody)
+        _check_model(req.model)
+        client = _client(request)
+        res = await client.call(ipc.DetokenizeRequest(client.new_id(), req.tokens))
+        if isinstance(res, ipc.ErrorOutput):
+            return _error_response(res.status, res.message, param=res.param)
+        return {"prompt": res.prompt}
+
+    return app

@@ -1,0 +1,238 @@
+"""The supervisor: starts the pipeline's processes, runs the HTTP server, and stops it all cleanly.
+
+Startup: a private 0700 directory for the ipc:// sockets; scheduler ranks first (rank 0 reports
+the model's context length, vocabulary and tokenizer), then tokenizer and detokenizer; each child
+reports on its own ready pipe. Then uvicorn serves the app in this process.
+
+Shutdown: SIGTERM/SIGINT stop accepting connections, give in-flight requests a grace period,
+then abort what is left (clients get finish_reason "abort"); the children are stopped and the
+process exits 0. If any child dies, everything is stopped and the process exits 1 within seconds.
+Children are started with the spawn method and die with this process (see process_util.setup_child).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import uvicorn
+
+from server.config import ServerConfig
+from server.process_util import IpcPaths, ModelInfo
+
+logger = logging.getLogger("skiff")
+
+STOP_TIMEOUT_S = 3.0
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+class _StopRequested(Exception):
+    """SIGTERM/SIGINT arrived before the HTTP server was up."""
+
+
+def _child_main(module: str, func: str, *args) -> None:
+    # Importing the entry point here, in the child, keeps torch out of the supervisor.
+    getattr(importlib.import_module(module), func)(*args)
+
+
+@dataclass
+class _Child:
+    name: str
+    proc: mp.Process
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn with a ready announcement and an abort of stragglers when the grace period ends."""
+
+    def __init__(self, config: uvicorn.Config, grace_s: float, on_ready, on_grace_over):
+        super().__init__(config)
+        self.grace_s, self.on_ready, self.on_grace_over = grace_s, on_ready, on_grace_over
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            port = self.config.port
+            for server in self.servers:
+                for sock in server.sockets:
+                    port = sock.getsockname()[1]
+            self.on_ready(port)
+
+    async def shutdown(self, sockets=None) -> None:
+        handle = asyncio.get_running_loop().call_later(self.grace_s, self.on_grace_over)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            handle.cancel()
+
+
+class Supervisor:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.ctx = mp.get_context("spawn")
+        self.children: list[_Child] = []
+        self.ipc_dir = tempfile.mkdtemp(prefix="skiff-")  # mode 0700
+        self.paths = IpcPaths.in_dir(self.ipc_dir)
+        self.exit_code = 0
+        self.stopping = False
+
+    # ------------------------------------------------------------------ children
+
+    def _spawn(self, name: str, module: str, func: str, *args) -> tuple[_Child, mpc.Connection]:
+        reader, writer = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=_child_main, args=(module, func, *args, writer), name=name, daemon=False)
+        proc.start()
+        writer.close()
+        child = _Child(name, proc)
+        self.children.append(child)
+        logger.info("started %s (pid %d)", name, proc.pid)
+        return child, reader
+
+    def _wait_ready(self, pending: list[tuple[_Child, mpc.Connection]]) -> list[object]:
+        """Block until every child reported ready; return their payloads in order."""
+        payloads: dict[int, object] = {}
+        waiting = {id(conn): (i, child, conn) for i, (child, conn) in enumerate(pending)}
+        while waiting:
+            conns = [conn for _, _, conn in waiting.values()]
+            sentinels = {child.proc.sentinel: child for _, child, _ in waiting.values()}
+            for obj in mpc.wait(conns + list(sentinels)):
+                if obj in sentinels:
+                    child = sentinels[obj]
+                    child.proc.join(0.5)
+                    raise StartupError(f"the {child.name} process exited during startup "
+                                       f"(exit code {child.proc.exitcode})")
+                i, child, conn = waiting.pop(id(obj))
+                try:
+                    kind, payload = conn.recv()
+                except EOFError:
+                    raise StartupError(f"the {child.name} process exited during startup") from None
+                if kind != "ready":
+                    raise StartupError(f"the {child.name} process failed to start: {payload}")
+                payloads[i] = payload
+        return [payloads[i] for i in range(len(pending))]
+
+    def start_children(self) -> ModelInfo:
+        cfg, paths = self.config, self.paths
+        ranks = [self._spawn(f"scheduler-{r}", "scheduler_proc.process", "run_scheduler", cfg, paths, self.ipc_dir, r)
+                 for r in range(cfg.tp_size)]
+        info = self._wait_ready(ranks)[0]
+        if not isinstance(info, ModelInfo):
+            raise StartupError("scheduler rank 0 did not report the model's info")
+        if cfg.max_model_len is not None and cfg.max_model_len > info.max_model_len:
+            logger.warning("--max-model-len %d exceeds what the engine supports (%d)", cfg.max_model_len,
+                           info.max_model_len)
+        others = [self._spawn("tokenizer", "tokenizer_proc.process", "run_tokenizer", cfg, paths, info),
+                  self._spawn("detokenizer", "detokenizer_proc.process", "run_detokenizer", cfg, paths, info)]
+        self._wait_ready(others)
+        return info
+
+    def stop_children(self) -> None:
+        self.stopping = True
+        for child in self.children:
+            if child.proc.is_alive():
+                child.proc.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for child in self.children:
+            child.proc.join(max(0.0, deadline - time.monotonic()))
+        for child in self.children:
+            if child.proc.is_alive():
+                logger.warning("%s did not stop in time; killing it", child.name)
+                child.proc.kill()
+                child.proc.join(1.0)
+
+    def children_alive(self) -> bool:
+        return all(c.proc.is_alive() for c in self.children)
+
+    # ------------------------------------------------------------------ the whole lifecycle
+
+    def run(self) -> int:
+        def stop_startup(signum, frame):
+            raise _StopRequested()
+
+        signal.signal(signal.SIGTERM, stop_startup)
+        signal.signal(signal.SIGINT, stop_startup)
+        try:
+            info = self.start_children()
+            # uvicorn installs its own handlers while serving and re-raises the signal after a
+            # graceful stop; these no-op handlers absorb that so a requested stop exits 0.
+            signal.signal(signal.SIGTERM, lambda s, f: None)
+            signal.signal(signal.SIGINT, lambda s, f: None)
+            asyncio.run(self._serve(info))
+        except _StopRequested:
+            logger.info("stopped during startup")
+        except StartupError as e:
+            logger.error("%s", e)
+            self.exit_code = 1
+        finally:
+            self.stop_children()
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
+        return self.exit_code
+
+    async def _serve(self, info: ModelInfo) -> None:
+        from server.app import create_app
+
+        cfg = self.config
+        app = create_app(cfg, info, self.paths, self.children_alive)
+
+        def on_ready(port: int) -> None:
+            pids = ", ".join(f"{c.name} {c.proc.pid}" for c in self.children)
+            print(f"Skiff is serving {cfg.model_name} on http://{cfg.host}:{port} (processes: {pids})", flush=True)
+
+        def on_grace_over() -> None:
+            client = getattr(app.state, "client", None)
+            if client is not None:
+                logger.warning("grace period over: aborting the requests still running")
+                client.abort_all()
+
+        uv_config = uvicorn.Config(app, host=cfg.host, port=cfg.port, loop="uvloop", http="httptools",
+                                   log_level=cfg.log_level, access_log=False, lifespan="on",
+                                   timeout_graceful_shutdown=cfg.graceful_shutdown_timeout + 3.0)
+        server = _HttpServer(uv_config, cfg.graceful_shutdown_timeout, on_ready, on_grace_over)
+        loop = asyncio.get_running_loop()
+
+        def on_child_exit(child: _Child) -> None:
+            loop.remove_reader(child.proc.sentinel)
+            if self.stopping:
+                return
+            child.proc.join(0.1)
+            logger.error("the %s process died (exit code %s); shutting down", child.name, child.proc.exitcode)
+            self.exit_code = 1
+            client = getattr(app.state, "client", None)
+            if client is not None:
+                client.fail_all(f"the {child.name} process died")
+            server.should_exit = server.force_exit = True
+
+        for child in self.children:
+            loop.add_reader(child.proc.sentinel, on_child_exit, child)
+        try:
+            await server.serve()
+        finally:
+            for child in self.children:
+                loop.remove_reader(child.proc.sentinel)
+            self.stopping = True
+        if not server.started and self.exit_code == 0:
+            self.exit_code = 1  # e.g. the port was taken
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from server.config import parse_args
+
+    config = parse_args(argv)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s skiff %(levelname)s %(message)s")
+    return Supervisor(config).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

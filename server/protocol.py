@@ -1,0 +1,394 @@
+"""OpenAI request models (msgspec) and their translation into Skiff's SamplingParams.
+
+Requests are decoded strictly: unknown fields are a 400, and known OpenAI fields Skiff does not
+implement yet are declared here only to be rejected with a clear "not supported" 400, so nothing
+a client sends is ever silently ignored. Responses are plain dicts encoded with msgspec.json.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import msgspec
+
+from server.ipc import ChatMessage, SamplingParams
+
+
+class ProtocolError(ValueError):
+    """A request the API rejects; `status` is the HTTP status, `param` the offending field."""
+
+    def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
+                 code: Optional[str] = None, type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+               code: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    include_usage: Optional[bool] = False
+
+
+class ChatMessageIn(msgspec.Struct, forbid_unknown_fields=True):
+    role: str
+    content: Union[str, list[dict[str, Any]], None] = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[Any]] = None
+    tool_call_id: Optional[str] = None
+    refusal: Optional[str] = None
+
+
+class _SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
+    """Fields shared by chat and completions: OpenAI's plus the vLLM/SGLang sampling extensions."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: Optional[int] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    user: Optional[str] = None
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None
+    # extensions
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    ignore_eos: Optional[bool] = None
+    min_tokens: Optional[int] = None
+    stop_token_ids: Optional[list[int]] = None
+    skip_special_tokens: Optional[bool] = None
+    # declared only to be refused until they are implemented
+    response_format: Optional[Any] = None
+    tools: Optional[Any] = None
+    tool_choice: Optional[Any] = None
+    parallel_tool_calls: Optional[Any] = None
+    functions: Optional[Any] = None
+    function_call: Optional[Any] = None
+    service_tier: Optional[Any] = None
+    metadata: Optional[Any] = None
+    store: Optional[bool] = None
+
+
+class ChatCompletionRequest(_SamplingFields, forbid_unknown_fields=True):
+    messages: list[ChatMessageIn] = []
+    max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    modalities: Optional[Any] = None
+    audio: Optional[Any] = None
+    prediction: Optional[Any] = None
+    reasoning_effort: Optional[Any] = None
+    web_search_options: Optional[Any] = None
+
+
+class CompletionRequest(_SamplingFields, forbid_unknown_fields=True):
+    prompt: Union[str, list[Any], None] = None
+    echo: Optional[bool] = None
+    logprobs: Optional[int] = None
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+
+class TokenizeBody(msgspec.Struct, forbid_unknown_fields=True):
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessageIn]] = None
+    add_special_tokens: Optional[bool] = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeBody(msgspec.Struct, forbid_unknown_fields=True):
+    tokens: list[int]
+    model: Optional[str] = None
+
+
+def decode_body(body: bytes, type_: type) -> Any:
+    """Parse a JSON body into `type_`; malformed JSON and schema violations are ProtocolErrors."""
+    if not body.strip():
+        raise ProtocolError("the request body is empty; expected a JSON object")
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        param = None
+        if "`$." in text:
+            param = text.rsplit("`$.", 1)[-1].rstrip("`")
+        elif "unknown field `" in text:
+            param = text.split("unknown field `", 1)[1].split("`", 1)[0]
+        raise ProtocolError(f"invalid request: {text}", param) from e
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed JSON body: {e}") from e
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+_UNSUPPORTED_CHAT = ("modalities", "audio", "prediction", "reasoning_effort", "web_search_options")
+_UNSUPPORTED = ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "metadata")
+
+
+def _not_supported(field: str) -> ProtocolError:
+    return ProtocolError(f"`{field}` is not supported yet", field)
+
+
+def _check_unsupported(req: _SamplingFields, extra: tuple[str, ...] = ()) -> None:
+    for name in _UNSUPPORTED + extra:
+        if getattr(req, name) is not None:
+            raise _not_supported(name)
+    if req.response_format is not None:
+        kind = req.response_format.get("type") if isinstance(req.response_format, dict) else None
+        if kind != "text":
+            raise _not_supported("response_format")
+    if req.service_tier not in (None, "auto", "default"):
+        raise _not_supported("service_tier")
+    if req.store:
+        raise _not_supported("store")
+
+
+def _finite(value: float, name: str) -> float:
+    if not math.isfinite(value):
+        raise ProtocolError(f"`{name}` must be a finite number", name)
+    return value
+
+
+def stop_list(stop: Union[str, list[str], None]) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not s for s in stops):
+        raise ProtocolError("stop strings must not be empty", "stop")
+    return stops
+
+
+def sampling_params(req: _SamplingFields, vocab_size: int, logprobs: bool = False,
+                    top_logprobs: int = 0) -> SamplingParams:
+    """Validate the sampling fields and build SamplingParams (max_new_tokens is set later)."""
+    p = SamplingParams()
+    if req.n is not None and req.n != 1:
+        if req.n < 1:
+            raise ProtocolError("`n` must be at least 1", "n")
+        raise ProtocolError("`n` > 1 is not supported yet", "n")
+    if req.temperature is not None:
+        if _finite(req.temperature, "temperature") < 0:
+            raise ProtocolError("`temperature` must be at least 0", "temperature")
+        p.temperature = req.temperature
+    if req.top_p is not None:
+        if not 0 < _finite(req.top_p, "top_p") <= 1:
+            raise ProtocolError("`top_p` must be in (0, 1]", "top_p")
+        p.top_p = req.top_p
+    if req.top_k is not None:
+        if req.top_k < -1:
+            raise ProtocolError("`top_k` must be -1 (disabled) or at least 0", "top_k")
+        p.top_k = req.top_k
+    if req.min_p is not None:
+        if not 0 <= _finite(req.min_p, "min_p") <= 1:
+            raise ProtocolError("`min_p` must be in [0, 1]", "min_p")
+        p.min_p = req.min_p
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = getattr(req, name)
+        if value is not None:
+            if not -2 <= _finite(value, name) <= 2:
+                raise ProtocolError(f"`{name}` must be in [-2, 2]", name)
+            setattr(p, name, value)
+    if req.repetition_penalty is not None:
+        if _finite(req.repetition_penalty, "repetition_penalty") <= 0:
+            raise ProtocolError("`repetition_penalty` must be greater than 0", "repetition_penalty")
+        p.repetition_penalty = req.repetition_penalty
+    if req.logit_bias:
+        bias: dict[int, float] = {}
+        for key, value in req.logit_bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise ProtocolError(f"logit_bias key {key!r} is not a token id", "logit_bias") from None
+            if not 0 <= token < vocab_size:
+                raise ProtocolError(f"logit_bias token id {token} is outside the vocabulary [0, {vocab_size})",
+                                    "logit_bias")
+            if not -100 <= _finite(value, "logit_bias") <= 100:
+                raise ProtocolError("logit_bias values must be in [-100, 100]", "logit_bias")
+            bias[token] = value
+        p.logit_bias = bias
+    p.stop = stop_list(req.stop)
+    if req.stop_token_ids:
+        bad = [t for t in req.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ProtocolError(f"stop_token_ids {bad} are outside the vocabulary", "stop_token_ids")
+        p.stop_token_ids = list(req.stop_token_ids)
+    if req.seed is not None:
+        p.seed = req.seed
+    if req.ignore_eos is not None:
+        p.ignore_eos = req.ignore_eos
+    if req.min_tokens is not None:
+        if req.min_tokens < 0:
+            raise ProtocolError("`min_tokens` must be at least 0", "min_tokens")
+        p.min_new_tokens = req.min_tokens
+    if req.skip_special_tokens is not None:
+        p.skip_special_tokens = req.skip_special_tokens
+    if req.stream_options is not None and not req.stream:
+        raise ProtocolError("`stream_options` is only allowed when `stream` is true", "stream_options")
+    p.logprobs = logprobs
+    p.top_logprobs = top_logprobs
+    return p
+
+
+def _max_tokens(value: Optional[int], name: str, minimum: int) -> Optional[int]:
+    if value is not None and value < minimum:
+        raise ProtocolError(f"`{name}` must be at least {minimum}", name)
+    return value
+
+
+def flatten_content(content: Union[str, list[dict[str, Any]], None], index: int) -> Optional[str]:
+    """Text of a message: a string, or text parts joined by newlines (other part types: 400)."""
+    if content is None or isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        kind = part.get("type")
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise ProtocolError(f"message content parts of type {kind!r} are not supported (only 'text' "
+                                f"parts with a string `text`)", f"messages[{index}].content")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+_ROLES = ("system", "developer", "user", "assistant")
+
+
+def chat_messages(messages: list[ChatMessageIn]) -> list[ChatMessage]:
+    if not messages:
+        raise ProtocolError("`messages` must contain at least one message", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if m.role not in _ROLES:
+            if m.role == "tool":
+                raise ProtocolError("tool messages are not supported yet", f"messages[{i}].role")
+            raise ProtocolError(f"unknown role {m.role!r}; expected one of {', '.join(_ROLES)}",
+                                f"messages[{i}].role")
+        for name in ("name", "tool_calls", "tool_call_id"):
+            if getattr(m, name) is not None:
+                raise ProtocolError(f"`{name}` in messages is not supported yet", f"messages[{i}].{name}")
+        text = flatten_content(m.content, i)
+        if text is None:
+            raise ProtocolError(f"message {i} has no content", f"messages[{i}].content")
+        out.append(ChatMessage(m.role, text))
+    return out
+
+
+@dataclass
+class ChatPlan:
+    messages: list[ChatMessage]
+    params: SamplingParams
+    max_tokens: Optional[int]
+    stream: bool
+    include_usage: bool
+
+
+def plan_chat(req: ChatCompletionRequest, vocab_size: int) -> ChatPlan:
+    _check_unsupported(req, _UNSUPPORTED_CHAT)
+    if req.top_logprobs is not None:
+        if not 0 <= req.top_logprobs <= 20:
+            raise ProtocolError("`top_logprobs` must be in [0, 20]", "top_logprobs")
+        if not req.logprobs:
+            raise ProtocolError("`top_logprobs` requires `logprobs` to be true", "top_logprobs")
+    params = sampling_params(req, vocab_size, bool(req.logprobs), req.top_logprobs or 0)
+    if req.max_tokens is not None and req.max_completion_tokens is not None \
+            and req.max_tokens != req.max_completion_tokens:
+        raise ProtocolError("set only one of `max_tokens` and `max_completion_tokens`", "max_tokens")
+    max_tokens = _max_tokens(req.max_completion_tokens, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _max_tokens(req.max_tokens, "max_tokens", 1)
+    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+    return ChatPlan(chat_messages(req.messages), params, max_tokens, bool(req.stream), include_usage)
+
+
+@dataclass
+class CompletionPlan:
+    prompts: list[Union[str, list[int]]]
+    params: SamplingParams
+    max_tokens: Optional[int]
+    stream: bool
+    include_usage: bool
+    echo: bool
+
+
+def completion_prompts(prompt: Union[str, list[Any], None]) -> list[Union[str, list[int]]]:
+    """A string, a list of strings, a list of token ids or a list of token-id lists."""
+    if prompt is None:
+        raise ProtocolError("`prompt` is required", "prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise ProtocolError("`prompt` must not be empty", "prompt")
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in prompt):
+        return [list(prompt)]
+    if all(isinstance(x, str) for x in prompt):
+        return list(prompt)
+    if all(isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+           for x in prompt):
+        return [list(x) for x in prompt]
+    raise ProtocolError("`prompt` must be a string, a list of strings, a list of token ids or a list of "
+                        "non-empty token-id lists", "prompt")
+
+
+def plan_completion(req: CompletionRequest, vocab_size: int) -> CompletionPlan:
+    _check_unsupported(req)
+    if req.suffix is not None:
+        raise _not_supported("suffix")
+    if req.best_of is not None and req.best_of != 1:
+        raise ProtocolError("`best_of` other than 1 is not supported yet", "best_of")
+    if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+        raise ProtocolError("`logprobs` must be in [0, 20]", "logprobs")
+    if req.echo and req.logprobs is not None:
+        raise ProtocolError("`echo` together with `logprobs` is not supported yet", "echo")
+    logprobs = req.logprobs is not None
+    params = sampling_params(req, vocab_size, logprobs, req.logprobs or 0)
+    max_tokens = _max_tokens(req.max_tokens, "max_tokens", 0)
+    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+    return CompletionPlan(completion_prompts(req.prompt), params, max_tokens, bool(req.stream), include_usage,
+                          bool(req.echo))
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def chat_logprobs(token_texts: list[str], logprobs: list[float], top_texts: Optional[list[list[str]]],
+                  top_vals: Optional[list[list[float]]]) -> list[dict]:
+    def entry(text: str, lp: float) -> dict:
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    out = []
+    for i, (text, lp) in enumerate(zip(token_texts, logprobs)):
+        item = entry(text, lp)
+        item["top_logprobs"] = ([entry(t, v) for t, v in zip(top_texts[i], top_vals[i])]
+                                if top_texts is not None and top_vals is not None else [])
+        out.append(item)
+    return out
+
+
+def completion_logprobs(token_texts: list[str], logprobs: list[float], top_texts: Optional[list[list[str]]],
+                        top_vals: Optional[list[list[float]]], text_offset: int) -> dict:
+    offsets = []
+    for text in token_texts:
+        offsets.append(text_offset)
+        text_offset += len(text)
+    tops = ([dict(zip(t, v)) for t, v in zip(top_texts, top_vals)]
+            if top_texts is not None and top_vals is not None else [None] * len(token_texts))
+    return {"tokens": list(token_texts), "token_logprobs": list(logprobs), "top_logprobs": tops,
+            "text_offset": offsets}
