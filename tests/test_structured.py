@@ -1,0 +1,308 @@
+"""API-side structured outputs and tool calling (server/structured.py): pure Python, no model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jinja2
+import pytest
+
+from server.ipc import GrammarSpec
+from server.structured import (
+    ContentDelta, StructuredOutputError, ToolCallDelta, ToolCallStreamParser, grammar_from_request,
+    parse_tool_calls, plan_tools, prepare_tool_messages, template_supports_tools, tool_finish_reason,
+    validate_ebnf, validate_grammar_spec, validate_json_schema, validate_regex,
+)
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time"}}
+NAMES = ["get_weather", "get_time"]
+
+
+def test_no_heavy_imports():
+    code = ("import sys, server.structured; "
+            "bad = [m for m in ('torch', 'xgrammar', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- response_format
+
+
+def test_response_format_kinds():
+    assert grammar_from_request(None) is None
+    assert grammar_from_request({"type": "text"}) is None
+    assert grammar_from_request({"type": "json_object"}) == GrammarSpec("json_object")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    spec = grammar_from_request({"type": "json_schema", "json_schema": {"name": "thing", "schema": schema,
+                                                                       "strict": True}})
+    assert spec.kind == "json_schema" and json.loads(spec.spec) == schema
+    # A schema sent as a JSON string, and a json_schema without a schema (any object).
+    assert json.loads(grammar_from_request({"type": "json_schema", "json_schema": {
+        "name": "x", "schema": json.dumps(schema)}}).spec) == schema
+    assert grammar_from_request({"type": "json_schema", "json_schema": {"name": "x"}}) == GrammarSpec("json_object")
+    assert grammar_from_request(regex=r"\d+") == GrammarSpec("regex", r"\d+")
+    assert grammar_from_request(ebnf='root ::= "a"') == GrammarSpec("ebnf", 'root ::= "a"')
+    tag = {"type": "structural_tag", "format": {"type": "const_string", "value": "hi"}}
+    assert json.loads(grammar_from_request(tag).spec) == tag
+
+
+def test_response_format_accepts_pydantic_like_objects():
+    class Model:
+        def model_dump(self, **_):
+            return {"type": "json_object"}
+
+    assert grammar_from_request(Model()) == GrammarSpec("json_object")
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"response_format": "json"}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}}},
+     "response_format.json_schema.name"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": "{oops"}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "strng"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_object"}, "regex": "a+"}, "response_format"),
+    ({"regex": "(a"}, "regex"),
+    ({"ebnf": "foo ::= 'a'"}, "ebnf"),
+])
+def test_bad_requests_are_400_errors(kwargs, param):
+    with pytest.raises(StructuredOutputError) as e:
+        grammar_from_request(**kwargs)
+    assert e.value.param == param and e.value.message
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 3}}},
+    {"type": ["string", "null"], "maxLength": 3},
+    {"anyOf": [{"type": "string"}, {"$ref": "#/$defs/x"}], "$defs": {"x": {"type": "integer"}}},
+    {"type": "array", "items": {"enum": [1, "a", None]}, "minItems": 0, "maxItems": 2},
+    True,
+    {},
+])
+def test_valid_schemas_pass(schema):
+    validate_json_schema(schema)
+
+
+@pytest.mark.parametrize("schema,needle", [
+    ({"type": "strng"}, "unknown type"),
+    ({"properties": []}, "properties must be an object"),
+    ({"properties": {"a": {"type": "int"}}}, "schema.properties.a.type"),
+    ({"required": "a"}, "required"),
+    ({"enum": []}, "enum"),
+    ({"minimum": "0"}, "minimum"),
+    ({"minItems": -1}, "minItems"),
+    ({"minLength": 5, "maxLength": 2}, "greater than"),
+    ({"items": {"anyOf": []}}, "anyOf"),
+    ({"pattern": "(x"}, "regex"),
+    ([1], "JSON object or boolean"),
+])
+def test_invalid_schemas_are_rejected(schema, needle):
+    with pytest.raises(StructuredOutputError, match=needle):
+        validate_json_schema(schema)
+
+
+@pytest.mark.parametrize("pattern", [r"\d{3}-\w+", r"(?:a|b)*c?", r"[^\]]+", r"a{2,}?", r"^(yes|no)$", r"\\"])
+def test_regex_light_check_accepts(pattern):
+    validate_regex(pattern)
+
+
+@pytest.mark.parametrize("pattern", ["", "(a", "a)", "[ab", "*a", "a**", "a|+", "\\"])
+def test_regex_light_check_rejects(pattern):
+    with pytest.raises(StructuredOutputError):
+        validate_regex(pattern)
+
+
+def test_ebnf_and_spec_checks():
+    validate_ebnf('root ::= "x" rest\nrest ::= [0-9]+')
+    for bad in ["", "just text", 'start ::= "x"']:
+        with pytest.raises(StructuredOutputError):
+            validate_ebnf(bad)
+    validate_grammar_spec(GrammarSpec("json_object"))
+    validate_grammar_spec(GrammarSpec("json_schema", '{"type": "object"}'))
+    for bad in [GrammarSpec("json_schema", "{"), GrammarSpec("regex", "("), GrammarSpec("structural_tag", "{}"),
+                GrammarSpec("yaml", "")]:
+        with pytest.raises(StructuredOutputError):
+            validate_grammar_spec(bad)
+
+
+# ----------------------------------------------------------------------------- tool plans
+
+
+def test_tool_plans():
+    assert plan_tools(None) is None and plan_tools([], "auto") is None
+    auto = plan_tools([WEATHER, TIME])
+    assert auto.mode == "auto" and auto.parse and auto.parallel
+    assert auto.grammar.kind == "structural_tag"
+    assert json.loads(auto.grammar.spec)["format"]["type"] == "triggered_tags"
+    assert plan_tools([WEATHER], "auto", constrain_auto=False).grammar is None
+
+    none = plan_tools([WEATHER], "none")
+    assert none.mode == "none" and not none.parse and none.grammar is None
+
+    req = plan_tools([WEATHER, TIME], "required", parallel_tool_calls=False)
+    fmt = json.loads(req.grammar.spec)["format"]
+    assert fmt["type"] == "tags_with_separator" and fmt["at_least_one"] and fmt["stop_after_first"]
+    assert len(fmt["tags"]) == 2
+    # A tool without parameters takes an empty object.
+    assert fmt["tags"][1]["content"]["json_schema"] == {"type": "object", "properties": {}}
+
+    named = plan_tools([WEATHER, TIME], {"type": "function", "function": {"name": "get_weather"}})
+    assert named.mode == "named" and named.names == {"get_weather"}
+    tags = json.loads(named.grammar.spec)["format"]["tags"]
+    assert [t["begin"] for t in tags] == ['<tool_call>\n{"name": "get_weather", "arguments": ']
+
+
+@pytest.mark.parametrize("tools,choice,param", [
+    ([WEATHER], {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
+    ([WEATHER], "sometimes", "tool_choice"),
+    ([WEATHER], {"type": "function"}, "tool_choice"),
+    (None, "required", "tool_choice"),
+    ([WEATHER, WEATHER], "auto", "tools[1].function.name"),
+    ([{"type": "function", "function": {"name": "has space"}}], "auto", "tools[0].function.name"),
+    ([{"type": "retrieval"}], "auto", "tools[0]"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "obj"}}}], "auto",
+     "tools[0].function.parameters"),
+    ("notalist", "auto", "tools"),
+])
+def test_bad_tool_requests(tools, choice, param):
+    with pytest.raises(StructuredOutputError) as e:
+        plan_tools(tools, choice)
+    assert e.value.param == param
+
+
+# ----------------------------------------------------------------------------- parsing calls
+
+
+def test_parse_hermes_blocks_and_content():
+    text = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+    r = parse_tool_calls(text, NAMES)
+    assert r.content == "Let me look."
+    assert [(c.name, json.loads(c.arguments)) for c in r.calls] == [("get_weather", {"city": "Paris"}),
+                                                                    ("get_time", {})]
+    ids = {c.id for c in r.calls}
+    assert len(ids) == 2 and all(i.startswith("call_") and len(i) == 29 for i in ids)
+    assert r.calls[0].to_openai() == {"id": r.calls[0].id, "type": "function",
+                                      "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('{"name": "get_weather", "arguments": {"city": "Oslo"}}', [("get_weather", {"city": "Oslo"})]),
+    ('  {"name": "get_weather", "parameters": {"city": "Oslo"}}\n', [("get_weather", {"city": "Oslo"})]),
+    ('[{"name": "get_time", "arguments": "{}"}, {"name": "get_time", "arguments": {}}]',
+     [("get_time", {}), ("get_time", {})]),
+    ('<tool_call>{"name": "get_time", "arguments": {}}', [("get_time", {})]),  # stopped before the end tag
+])
+def test_parse_bare_json_and_unclosed(text, expected):
+    r = parse_tool_calls(text, NAMES)
+    assert r.content is None
+    assert [(c.name, json.loads(c.arguments)) for c in r.calls] == expected
+
+
+@pytest.mark.parametrize("text", [
+    "The weather is nice.",
+    '{"city": "Paris"}',  # JSON, but not a call
+    '{"name": "unknown_tool", "arguments": {}}',
+    '<tool_call>{"name": "get_time", "arguments": [1]}</tool_call>',  # arguments not an object
+    "a < b and <tool is not a tag",
+])
+def test_non_calls_stay_content(text):
+    r = parse_tool_calls(text, NAMES)
+    assert r.calls == [] and r.content == text.strip()
+
+
+def test_finish_reason():
+    call = parse_tool_calls('{"name": "get_time", "arguments": {}}', NAMES).calls
+    assert tool_finish_reason("stop", call) == "tool_calls"
+    assert tool_finish_reason("length", call) == "length"
+    assert tool_finish_reason("stop", []) == "stop"
+
+
+def _stream(text: str, step: int):
+    p = ToolCallStreamParser(NAMES)
+    events = []
+    for i in range(0, len(text), step):
+        events += p.feed(text[i:i + step])
+    return events + p.finish()
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 1000])
+def test_stream_matches_whole_parse(step):
+    text = ('Checking. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+    events = _stream(text, step)
+    content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+    assert content == "Checking."
+    deltas = [e.to_openai() for e in events if isinstance(e, ToolCallDelta)]
+    # OpenAI shape: per call a head (index, id, type, name, empty arguments) then the arguments.
+    assert [d["index"] for d in deltas] == [0, 0, 1, 1]
+    assert deltas[0]["type"] == "function" and deltas[0]["id"].startswith("call_")
+    assert deltas[0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert set(deltas[1]) == {"index", "function"} and json.loads(deltas[1]["function"]["arguments"]) == {"city": "Rome"}
+    assert deltas[2]["function"]["name"] == "get_time"
+
+
+def test_stream_plain_text_flows_without_waiting():
+    p = ToolCallStreamParser(NAMES)
+    assert p.feed("Hello") == [ContentDelta("Hello")]
+    assert p.feed(" wor") == [ContentDelta(" wor")]
+    assert p.feed("ld <tool") == [ContentDelta("ld")]  # " <tool" may still open a call
+    assert p.feed("box>") == [ContentDelta(" <toolbox>")]
+    assert p.finish() == []
+
+
+def test_stream_bare_json_is_held_to_the_end():
+    p = ToolCallStreamParser(NAMES)
+    assert p.feed('{"name": "get_time", ') == []
+    assert p.feed('"arguments": {}}') == []
+    events = p.finish()
+    assert [type(e) for e in events] == [ToolCallDelta, ToolCallDelta] and p.calls[0].name == "get_time"
+
+
+# ----------------------------------------------------------------------------- chat template input
+
+SMOL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_tool_conversation_renders_through_a_template_without_tools():
+    assert not template_supports_tools(SMOL_TEMPLATE)
+    assert template_supports_tools("{% if tools %}...{% endif %}")
+    plan = plan_tools([WEATHER], "auto")
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18C and sunny"},
+    ]
+    prepared = prepare_tool_messages(messages, plan, supports_tools=False)
+    assert prepared[0]["role"] == "system" and "get_weather" in prepared[0]["content"]
+    assert prepared[2]["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert prepared[3] == {"role": "tool", "content": "<tool_response>\n18C and sunny\n</tool_response>"}
+    text = jinja2.Template(SMOL_TEMPLATE).render(messages=prepared, add_generation_prompt=True)
+    assert "<|im_start|>tool\n<tool_response>" in text and text.endswith("<|im_start|>assistant\n")
+    # A user system message keeps its text and gains the tool description.
+    with_sys = prepare_tool_messages([{"role": "system", "content": "Be brief."}] + messages, plan, False)
+    assert with_sys[0]["content"].startswith("Be brief.") and "<tools>" in with_sys[0]["content"]
+    # The assistant's own call text is exactly what the parser reads back.
+    assert parse_tool_calls(prepared[2]["content"], NAMES).calls[0].name == "get_weather"
+
+
+def test_native_tool_templates_get_dict_arguments():
+    messages = [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": 1}'}}]}]
+    out = prepare_tool_messages(messages, plan_tools([TIME]), supports_tools=True)
+    assert out[0]["tool_calls"][0]["function"]["arguments"] == {"tz": 1}
+    assert messages[0]["tool_calls"][0]["function"]["arguments"] == '{"tz": 1}'  # input untouched
