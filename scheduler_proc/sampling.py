@@ -1,0 +1,684 @@
+"""Batched token sampling: penalties, logit bias, masks, temperature, min-p / top-k / top-p, seeds
+and logprobs for one decode step, as tensor ops over the whole [B, V] logits block.
+
+The engine calls, once per step:
+
+    info = SamplingBatch.build(params, prompt_ids, output_ids, vocab_size, device, default_seed)
+    out = sampler.sample(logits, info, vocab_mask)      # logits [B, V] float32, consumed
+    host = out.to_host()                                # one device -> host transfer
+
+Order of operations on a row (vLLM / OpenAI semantics):
+  1. raw logprobs (log_softmax of the model's logits) for rows that asked for them;
+  2. repetition penalty over prompt + output tokens (positive logits divided, negative multiplied),
+     then frequency / presence penalties over output tokens (logit -= freq * count + pres);
+  3. logit bias (added last among the additive terms, so +100 / -100 still force / ban);
+  4. bans: EOS and stop_token_ids while the output is shorter than min_new_tokens, then the
+     grammar mask; these are -inf, so nothing after them can bring a banned token back;
+  5. greedy rows (temperature 0 or top_k 1): argmax;
+  6. sampled rows: temperature, then min-p and top-k (both "keep weight >= per-row threshold"),
+     then top-p over what is left, then one draw.
+
+Draws use inverse-CDF sampling with one uniform per row, derived by a counter-based hash from
+(seed, number of tokens generated so far) for seeded rows, so a seeded request gets the same
+tokens whatever else is in the batch and wherever it sits in it. Rows without a seed hash
+(default_seed, sampler step, row). Top-p uses exact rejection sampling instead of a sort (a
+[64, 49152] sort costs ~100 ms on a CPU core; rejection needs a few cheap passes): draw from the
+current distribution, accept if the mass strictly more likely than the candidate is < top_p,
+otherwise drop the candidate and everything no more likely than it and draw again. Every round
+removes at least one token, and the accepted token is distributed exactly as the renormalised
+nucleus.
+
+Features nobody in the batch uses are detected once in `build()` and skipped entirely; an
+all-greedy batch with no penalties, bias, bans, masks or logprobs is a single argmax.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+
+from server.ipc import SamplingParams, TopLogprobs
+
+__all__ = [
+    "SamplingError", "SamplingBatch", "SampleOutput", "HostSampleOutput", "PromptLogprobs",
+    "Sampler", "prompt_logprobs",
+]
+
+class SamplingError(ValueError):
+    """Sampling parameters or inputs that the sampler cannot honour (bad value, shape, token id)."""
+
+
+# ----------------------------------------------------------------------------- counter-based RNG
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_STREAM_SEEDED = np.uint64(0x5EED5EED5EED5EED)
+_STREAM_ENGINE = np.uint64(0xE461E461E461E461)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (wrapping arithmetic is what we want here)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def hash_uniform(stream: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Uniforms in [0, 1) (float64, 53 random bits) that depend only on the four uint64 keys."""
+    with np.errstate(over="ignore"):
+        h = _mix64(stream ^ _mix64(a + _GOLDEN))
+        h = _mix64(h ^ (b * _GOLDEN))
+        h = _mix64(h ^ ((c + np.uint64(1)) * _GOLDEN))
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
+
+
+def _u64(values: Sequence[int]) -> np.ndarray:
+    # Seeds may be negative or wider than 64 bits in Python; reduce them modulo 2**64.
+    return np.array([v & 0xFFFFFFFFFFFFFFFF for v in values], dtype=np.uint64)
+
+
+# ----------------------------------------------------------------------------- per-step batch info
+
+
+class _Pairs(NamedTuple):
+    """Sparse (row, token) -> value updates; pairs are unique, so plain indexed writes are safe."""
+
+    rows: torch.Tensor  # int64 [N]
+    cols: torch.Tensor  # int64 [N]
+    values: torch.Tensor  # float32 [N]
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Everything `Sampler.sample` needs for one step, built once from the requests' params.
+
+    A field is None when no row of the batch uses the feature, which is how `sample` skips it.
+    Per-sampled-row tensors (temperatures, top_k_*, min_p, top_p) are indexed like `sample_rows`
+    (or like the batch when every row samples) and shaped [S, 1] for broadcasting.
+    """
+
+    batch_size: int
+    vocab_size: int
+    device: torch.device
+    all_greedy: bool
+    # rows that draw at random; None when all rows do (or none: see all_greedy)
+    sample_rows: Optional[torch.Tensor]
+    num_sampled: int
+    temperatures: Optional[torch.Tensor]  # [S, 1]; None when every sampled row uses 1.0
+    min_p: Optional[torch.Tensor]  # [S, 1]; 0 = off
+    top_k_max: int  # widest top_k among sampled rows (0: no top-k)
+    top_k_index: Optional[torch.Tensor]  # [S, 1] int64: k - 1, clamped to top_k_max - 1
+    top_k_on: Optional[torch.Tensor]  # [S, 1] bool
+    top_p_rows: Optional[torch.Tensor]  # indices into the sampled rows with top_p < 1
+    top_p: Optional[torch.Tensor]  # [len(top_p_rows)]
+    # randomness keys per sampled row (host arrays: uniforms are hashed on the host)
+    rng_stream: np.ndarray
+    rng_a: np.ndarray
+    rng_b: np.ndarray
+    any_seeded: bool
+    default_seed: int
+    # logit processing over the whole batch
+    repetition: Optional[_Pairs]  # values: the penalty factor
+    additive: Optional[_Pairs]  # values: -(freq * count + pres) + bias, summed per pair
+    ban_eos_rows: Optional[torch.Tensor]  # rows that must not emit EOS yet (min_new_tokens)
+    ban_pairs: Optional[_Pairs]  # stop_token_ids banned while below min_new_tokens
+    grammar_rows: Optional[list[int]]  # rows the vocab mask applies to
+    # logprobs
+    logprob_rows: Optional[torch.Tensor]  # rows that asked; None when none did
+    all_logprobs: bool  # every row asked (skip the gather / scatter)
+    wants_logprobs: tuple[bool, ...]  # per row
+    num_top_logprobs: tuple[int, ...]  # per row: how many alternatives it asked for
+    top_logprobs_max: int
+
+    @classmethod
+    def build(
+        cls,
+        params: Sequence[SamplingParams],
+        prompt_ids: Sequence[Sequence[int]],
+        output_ids: Sequence[Sequence[int]],
+        vocab_size: int,
+        device: torch.device | str,
+        default_seed: int = 0,
+    ) -> "SamplingBatch":
+        """Validate the batch's params and build its per-row tensors on `device`.
+
+        `output_ids[i]` is everything request i generated so far (its length is the seed counter
+        and the min_new_tokens counter). Negative ids (placeholders for tokens still in flight
+        under overlap scheduling) are counted but never penalised.
+        Raises SamplingError for out-of-range parameters or mismatched lengths.
+        """
+        B = len(params)
+        if B == 0:
+            raise SamplingError("empty batch")
+        if len(prompt_ids) != B or len(output_ids) != B:
+            raise SamplingError(f"params/prompt_ids/output_ids lengths differ: "
+                                f"{B}/{len(prompt_ids)}/{len(output_ids)}")
+        V = int(vocab_size)
+        dev = torch.device(device)
+        for i, p in enumerate(params):
+            _validate(p, i, V)
+
+        greedy = [p.greedy for p in params]
+        sampled = [i for i in range(B) if not greedy[i]]
+        all_greedy = not sampled
+        S = len(sampled)
+        sp = [params[i] for i in sampled]
+
+        def col(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype).view(-1, 1).to(dev)
+
+        temperatures = min_p = top_k_index = top_k_on = top_p_rows = top_p = None
+        top_k_max = 0
+        if sp:
+            if any(p.temperature != 1.0 for p in sp):
+                temperatures = col([p.temperature for p in sp])
+            if any(p.min_p > 0.0 for p in sp):
+                min_p = col([p.min_p for p in sp])
+            ks = [p.top_k if 0 < p.top_k < V else 0 for p in sp]
+            top_k_max = max(ks)
+            if top_k_max > 0:
+                top_k_index = col([max(k, 1) - 1 for k in ks], torch.int64)
+                top_k_on = col([k > 0 for k in ks], torch.bool)
+            tp = [j for j, p in enumerate(sp) if p.top_p < 1.0]
+            if tp:
+                top_p_rows = torch.tensor(tp, dtype=torch.int64, device=dev)
+                top_p = torch.tensor([sp[j].top_p for j in tp], dtype=torch.float32, device=dev)
+
+        seeded = [p.seed is not None for p in sp]
+        rng_stream = np.where(np.array(seeded, dtype=bool), _STREAM_SEEDED, _STREAM_ENGINE)
+        rng_a = _u64([p.seed if p.seed is not None else default_seed for p in sp])
+        rng_b = _u64([len(output_ids[i]) if params[i].seed is not None else i for i in sampled])
+
+        repetition, additive = _penalty_pairs(params, prompt_ids, output_ids, V, dev)
+        ban_eos_rows, ban_pairs = _min_token_bans(params, output_ids, V, dev)
+
+        grammar_rows = [i for i, p in enumerate(params) if p.grammar is not None] or None
+
+        wants = [p.logprobs or p.top_logprobs > 0 for p in params]
+        logprob_rows = None
+        if any(wants):
+            logprob_rows = torch.tensor([i for i in range(B) if wants[i]], dtype=torch.int64,
+                                        device=dev)
+        num_top = tuple(p.top_logprobs if wants[i] else 0 for i, p in enumerate(params))
+
+        return cls(
+            batch_size=B, vocab_size=V, device=dev, all_greedy=all_greedy,
+            sample_rows=(torch.tensor(sampled, dtype=torch.int64, device=dev)
+                         if 0 < S < B else None),
+            num_sampled=S, temperatures=temperatures, min_p=min_p, top_k_max=top_k_max,
+            top_k_index=top_k_index, top_k_on=top_k_on, top_p_rows=top_p_rows, top_p=top_p,
+            rng_stream=rng_stream, rng_a=rng_a, rng_b=rng_b, any_seeded=any(seeded),
+            default_seed=default_seed, repetition=repetition, additive=additive,
+            ban_eos_rows=ban_eos_rows, ban_pairs=ban_pairs, grammar_rows=grammar_rows,
+            logprob_rows=logprob_rows, all_logprobs=all(wants), wants_logprobs=tuple(wants),
+            num_top_logprobs=num_top,
+            top_logprobs_max=max(num_top),
+        )
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any penalty, bias or ban touches the logits before the draw."""
+        return (self.repetition is not None or self.additive is not None
+                or self.ban_eos_rows is not None or self.ban_pairs is not None)
+
+
+def _validate(p: SamplingParams, i: int, V: int) -> None:
+    def bad(msg: str) -> SamplingError:
+        return SamplingError(f"request {i}: {msg}")
+
+    if not (p.temperature >= 0.0 and math.isfinite(p.temperature)):
+        raise bad(f"temperature must be a finite number >= 0, got {p.temperature}")
+    if not (0.0 < p.top_p <= 1.0):
+        raise bad(f"top_p must be in (0, 1], got {p.top_p}")
+    if not (0.0 <= p.min_p <= 1.0):
+        raise bad(f"min_p must be in [0, 1], got {p.min_p}")
+    if not (p.repetition_penalty > 0.0 and math.isfinite(p.repetition_penalty)):
+        raise bad(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if not math.isfinite(getattr(p, name)):
+            raise bad(f"{name} must be finite")
+    if p.top_logprobs < 0 or p.min_new_tokens < 0:
+        raise bad("top_logprobs and min_new_tokens must be >= 0")
+    if p.top_logprobs > V:
+        raise bad(f"top_logprobs {p.top_logprobs} exceeds the vocabulary ({V})")
+    for tok, val in (p.logit_bias or {}).items():
+        if not 0 <= int(tok) < V:
+            raise bad(f"logit_bias token id {tok} outside the vocabulary [0, {V})")
+        if not math.isfinite(val):
+            raise bad(f"logit_bias value for {tok} must be finite")
+    for tok in p.stop_token_ids:
+        if not 0 <= tok < V:
+            raise bad(f"stop token id {tok} outside the vocabulary [0, {V})")
+
+
+def _row_keys(row: int, toks: Sequence[int], V: int) -> np.ndarray:
+    arr = np.fromiter(toks, dtype=np.int64, count=len(toks))
+    arr = arr[(arr >= 0) & (arr < V)]  # negative ids are in-flight placeholders
+    return arr + np.int64(row) * V
+
+
+def _penalty_pairs(params, prompt_ids, output_ids, V: int, dev: torch.device):
+    """(repetition pairs, additive pairs) for the rows that use penalties or logit bias."""
+    rep_keys, rep_vals = [], []
+    add: dict[int, float] = {}
+    for i, p in enumerate(params):
+        if p.repetition_penalty != 1.0:
+            k = np.unique(np.concatenate([_row_keys(i, prompt_ids[i], V),
+                                          _row_keys(i, output_ids[i], V)]))
+            rep_keys.append(k)
+            rep_vals.append(np.full(k.shape, p.repetition_penalty, dtype=np.float32))
+        if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+            k, counts = np.unique(_row_keys(i, output_ids[i], V), return_counts=True)
+            delta = -(p.frequency_penalty * counts + p.presence_penalty)
+            for key, d in zip(k.tolist(), delta.tolist()):
+                add[key] = d
+        if p.logit_bias:
+            base = i * V
+            for tok, val in p.logit_bias.items():
+                key = base + int(tok)
+                add[key] = add.get(key, 0.0) + float(val)
+
+    repetition = None
+    if rep_keys:
+        keys = np.concatenate(rep_keys)
+        repetition = _to_pairs(keys, np.concatenate(rep_vals), V, dev)
+    additive = None
+    if add:
+        keys = np.fromiter(add.keys(), dtype=np.int64, count=len(add))
+        vals = np.fromiter(add.values(), dtype=np.float32, count=len(add))
+        additive = _to_pairs(keys, vals, V, dev)
+    return repetition, additive
+
+
+def _to_pairs(keys: np.ndarray, vals: np.ndarray, V: int, dev: torch.device) -> _Pairs:
+    rows, cols = np.divmod(keys, V)
+    return _Pairs(torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev),
+                  torch.from_numpy(np.ascontiguousarray(vals, dtype=np.float32)).to(dev))
+
+
+def _min_token_bans(params, output_ids, V: int, dev: torch.device):
+    eos_rows: list[int] = []
+    pair_rows: list[int] = []
+    pair_cols: list[int] = []
+    for i, p in enumerate(params):
+        if len(output_ids[i]) >= p.min_new_tokens:
+            continue
+        if not p.ignore_eos:  # with ignore_eos, EOS does not stop the request: no need to ban it
+            eos_rows.append(i)
+        for tok in dict.fromkeys(p.stop_token_ids):
+            pair_rows.append(i)
+            pair_cols.append(tok)
+    ban_eos = torch.tensor(eos_rows, dtype=torch.int64, device=dev) if eos_rows else None
+    ban_pairs = None
+    if pair_rows:
+        ban_pairs = _Pairs(torch.tensor(pair_rows, dtype=torch.int64, device=dev),
+                           torch.tensor(pair_cols, dtype=torch.int64, device=dev),
+                           torch.full((len(pair_rows),), -math.inf, device=dev))
+    return ban_eos, ban_pairs
+
+
+# ----------------------------------------------------------------------------- results
+
+
+class HostSampleOutput(NamedTuple):
+    """A step's results as host lists: per row the token, and for rows that asked, its logprob
+    and its top alternatives (None for rows that did not ask)."""
+
+    token_ids: list[int]
+    logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[TopLogprobs]]
+
+
+class SampleOutput(NamedTuple):
+    """Device-side results of one `Sampler.sample` call.
+
+    logprobs: [B] raw logprob of each sampled token (NaN on rows that did not ask), or None when
+    no row asked. top_logprob_ids / top_logprob_vals: [B, K] with K the batch's largest
+    top_logprobs, sorted by descending logprob; row i's first num_top_logprobs[i] are meaningful.
+    """
+
+    token_ids: torch.Tensor
+    logprobs: Optional[torch.Tensor]
+    top_logprob_ids: Optional[torch.Tensor]
+    top_logprob_vals: Optional[torch.Tensor]
+    num_top_logprobs: tuple[int, ...]
+    wants_logprobs: tuple[bool, ...]
+
+    def to_host(self) -> HostSampleOutput:
+        """Everything as Python lists, with one device -> host copy."""
+        B = self.token_ids.shape[0]
+        if self.logprobs is None:
+            return HostSampleOutput(self.token_ids.tolist(), [None] * B, [None] * B)
+        parts = [self.token_ids.to(torch.float64).unsqueeze(1),
+                 self.logprobs.to(torch.float64).unsqueeze(1)]
+        if self.top_logprob_ids is not None:
+            parts += [self.top_logprob_ids.to(torch.float64),
+                      self.top_logprob_vals.to(torch.float64)]
+        # token ids < 2**53 are exact in float64, so one packed tensor carries everything
+        rows = torch.cat(parts, dim=1).cpu().tolist()
+        K = self.top_logprob_ids.shape[1] if self.top_logprob_ids is not None else 0
+        ids, lps, tops = [], [], []
+        for i, r in enumerate(rows):
+            ids.append(int(r[0]))
+            if not self.wants_logprobs[i]:
+                lps.append(None)
+                tops.append(None)
+                continue
+            lps.append(r[1])
+            n = self.num_top_logprobs[i]
+            tops.append(TopLogprobs([int(t) for t in r[2:2 + n]], r[2 + K:2 + K + n]))
+        return HostSampleOutput(ids, lps, tops)
+
+
+class PromptLogprobs(NamedTuple):
+    """Logprobs of given next tokens under each position's logits (echo / prompt_logprobs).
+
+    top_logprobs is None when top_k == 0.
+    """
+
+    logprobs: list[float]
+    top_logprobs: Optional[list[TopLogprobs]]
+
+
+def prompt_logprobs(logits: torch.Tensor, next_ids: torch.Tensor | Sequence[int], top_k: int,
+                    vocab_size: Optional[int] = None) -> PromptLogprobs:
+    """Raw logprob of next_ids[t] under logits[t] for every t, plus the top_k alternatives.
+
+    logits: [T, V'] (V' >= vocab_size; padding columns are ignored). One host transfer.
+    """
+    if logits.dim() != 2:
+        raise SamplingError(f"logits must be [T, V], got {tuple(logits.shape)}")
+    V = logits.shape[1] if vocab_size is None else vocab_size
+    T = logits.shape[0]
+    next_ids = torch.as_tensor(next_ids, dtype=torch.int64, device=logits.device).view(-1)
+    if next_ids.shape[0] != T:
+        raise SamplingError(f"{T} logit rows but {next_ids.shape[0]} next ids")
+    if T == 0:
+        return PromptLogprobs([], [] if top_k > 0 else None)
+    if top_k < 0 or top_k > V:
+        raise SamplingError(f"top_k must be in [0, {V}], got {top_k}")
+    lp = torch.log_softmax(logits[:, :V].float(), dim=-1)
+    parts = [lp.gather(1, next_ids.clamp(0, V - 1).unsqueeze(1)).to(torch.float64)]
+    if top_k > 0:
+        vals, ids = lp.topk(top_k, dim=-1)
+        parts += [ids.to(torch.float64), vals.to(torch.float64)]
+    rows = torch.cat(parts, dim=1).cpu().tolist()
+    chosen = [r[0] for r in rows]
+    if top_k == 0:
+        return PromptLogprobs(chosen, None)
+    tops = [TopLogprobs([int(t) for t in r[1:1 + top_k]], r[1 + top_k:]) for r in rows]
+    return PromptLogprobs(chosen, tops)
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+
+def _flashinfer_sampling():
+    try:
+        import flashinfer.sampling as fs  # noqa: PLC0415 - optional GPU dependency
+    except Exception:  # not installed, or built for another CUDA: fall back to torch
+        return None
+    return fs
+
+
+class Sampler:
+    """Samples one token per row from a [B, V] logits block; see the module docstring.
+
+    State: a step counter that feeds the randomness of rows without a seed (so runs are
+    reproducible given the engine's default_seed). `sample` consumes (overwrites) its logits.
+    """
+
+    def __init__(self, vocab_size: int, eos_token_ids: Sequence[int],
+                 device: torch.device | str = "cpu", use_flashinfer: Optional[bool] = None):
+        self.vocab_size = int(vocab_size)
+        self.device = torch.device(device)
+        bad = [t for t in eos_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise SamplingError(f"EOS ids {bad} outside the vocabulary [0, {self.vocab_size})")
+        self.eos_token_ids = list(dict.fromkeys(eos_token_ids))
+        self._eos = torch.tensor(self.eos_token_ids, dtype=torch.int64, device=self.device)
+        # FlashInfer's kernels draw from a CUDA generator, so they serve only unseeded batches.
+        self._fi = None
+        if self.device.type == "cuda" and use_flashinfer is not False:
+            self._fi = _flashinfer_sampling()
+            if self._fi is None and use_flashinfer:
+                raise SamplingError("use_flashinfer=True but flashinfer.sampling is not importable")
+        self._fi_gen: Optional[torch.Generator] = None
+        self.step = 0
+
+    # -- public API ------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, info: SamplingBatch,
+               vocab_mask: Optional[torch.Tensor] = None) -> SampleOutput:
+        """Pick one token per row. logits: [B, V'] float32 with V' >= vocab_size (columns past the
+        vocabulary are never chosen); overwritten in place.
+
+        vocab_mask: the grammar's allowed tokens for the rows whose params carry a grammar, either
+        xgrammar's int32 bitmask [B, ceil(V/32)] (bit set = allowed) or a bool [B, V] tensor
+        (True = allowed). Rows without a grammar are never masked, whatever their mask row holds.
+        """
+        B, V = info.batch_size, self.vocab_size
+        if info.vocab_size != V:
+            raise SamplingError(f"batch built for vocab {info.vocab_size}, sampler has {V}")
+        if logits.dim() != 2 or logits.shape[0] != B or logits.shape[1] < V:
+            raise SamplingError(f"logits must be [{B}, >={V}], got {tuple(logits.shape)}")
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        if logits.shape[1] != V:
+            logits = logits[:, :V]
+        step = self.step
+        self.step += 1
+
+        raw = _RawLogprobs.compute(logits, info) if info.logprob_rows is not None else None
+
+        self.process_logits(logits, info, vocab_mask)
+
+        if info.all_greedy:
+            token_ids = logits.argmax(dim=-1)
+        elif info.sample_rows is None:
+            token_ids = self._draw(logits, info, step)
+        else:
+            token_ids = logits.argmax(dim=-1)
+            x = logits.index_select(0, info.sample_rows)
+            token_ids.index_copy_(0, info.sample_rows, self._draw(x, info, step))
+
+        if raw is None:
+            return SampleOutput(token_ids, None, None, None, info.num_top_logprobs,
+                                (False,) * B)
+        lp, top_ids, top_vals = raw.finish(token_ids, info)
+        return SampleOutput(token_ids, lp, top_ids, top_vals, info.num_top_logprobs,
+                            info.wants_logprobs)
+
+    def prompt_logprobs(self, logits: torch.Tensor, next_ids, top_k: int) -> PromptLogprobs:
+        """`prompt_logprobs` over this sampler's vocabulary."""
+        return prompt_logprobs(logits, next_ids, top_k, self.vocab_size)
+
+    def process_logits(self, logits: torch.Tensor, info: SamplingBatch,
+                       vocab_mask: Optional[torch.Tensor] = None) -> None:
+        """Steps 2-4 of the module docstring, in place on logits [B, vocab_size]: penalties,
+        logit bias, min_new_tokens bans and the grammar mask. What greedy rows take the argmax of.
+        """
+        if info.repetition is not None:
+            r = info.repetition
+            vals = logits[r.rows, r.cols]
+            logits[r.rows, r.cols] = torch.where(vals > 0, vals / r.values, vals * r.values)
+        if info.additive is not None:
+            a = info.additive
+            logits[a.rows, a.cols] += a.values
+        if info.ban_eos_rows is not None and self._eos.numel():
+            logits[info.ban_eos_rows.unsqueeze(1), self._eos.unsqueeze(0)] = -math.inf
+        if info.ban_pairs is not None:
+            b = info.ban_pairs
+            logits[b.rows, b.cols] = b.values
+        if vocab_mask is not None and info.grammar_rows is not None:
+            _apply_vocab_mask(logits, vocab_mask, info.grammar_rows, self.vocab_size)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _draw(self, x: torch.Tensor, info: SamplingBatch, step: int) -> torch.Tensor:
+        """One random token per row of x [S, V] (the sampled rows, already processed)."""
+        if info.temperatures is not None:
+            x = x.div_(info.temperatures)
+        # Work with unnormalised weights w = exp(x - max): max weight is exactly 1, so min-p's
+        # "prob >= min_p * max prob" is "w >= min_p", and no softmax normalisation is needed.
+        w = x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
+        threshold = info.min_p
+        if info.top_k_max > 0:
+            kth = w.topk(info.top_k_max, dim=-1, sorted=True).values.gather(1, info.top_k_index)
+            kth = kth.masked_fill_(~info.top_k_on, 0.0)
+            threshold = kth if threshold is None else torch.maximum(threshold, kth)
+        if threshold is not None:
+            w.mul_(_keep_at_least(w, threshold))
+
+        if self._fi is not None and not info.any_seeded:
+            return self._draw_flashinfer(w, info, step)
+
+        S = w.shape[0]
+        cdf = w.cumsum(dim=-1)
+        tokens = _search(cdf, self._uniforms(info, step, 0, None))
+        if info.top_p_rows is None:
+            return tokens
+
+        # Top-p by rejection (see the module docstring). Only rows with top_p < 1 take part.
+        idx = info.top_p_rows
+        cur = w.index_select(0, idx)
+        limit = info.top_p * cur.sum(dim=-1)
+        cand = tokens.index_select(0, idx)
+        rnd = 0
+        while True:
+            p_cand = cur.gather(1, cand.unsqueeze(1))
+            cur = cur * _keep_above(cur, p_cand)
+            rejected = cur.sum(dim=-1) >= limit
+            rej = rejected.nonzero().squeeze(1)
+            if rej.numel() == 0:
+                break
+            idx, cur, limit = idx[rej], cur[rej], limit[rej]
+            rnd += 1
+            cand = _search(cur.cumsum(dim=-1), self._uniforms(info, step, rnd, idx))
+            tokens.index_copy_(0, idx, cand)
+            if rnd > S * w.shape[1]:  # unreachable: every round removes at least one token
+                raise RuntimeError("top-p rejection sampling did not terminate")
+        return tokens
+
+    def _uniforms(self, info: SamplingBatch, step: int, rnd: int,
+                  rows: Optional[torch.Tensor]) -> torch.Tensor:
+        """Uniforms for the sampled rows (or the subset `rows` of them) in rejection round rnd."""
+        stream, a, b = info.rng_stream, info.rng_a, info.rng_b
+        if rows is not None:
+            sel = rows.cpu().numpy()
+            stream, a, b = stream[sel], a[sel], b[sel]
+        # seeded rows: (seed, tokens so far, round); others: (default seed, row, step * 2^20 + round)
+        c = np.where(stream == _STREAM_SEEDED, np.uint64(rnd),
+                     np.uint64(step) * np.uint64(1 << 20) + np.uint64(rnd))
+        u = hash_uniform(stream, a, b, c)
+        return torch.from_numpy(u.astype(np.float32)).to(info.device)
+
+    def _draw_flashinfer(self, w: torch.Tensor, info: SamplingBatch, step: int) -> torch.Tensor:
+        if self._fi_gen is None:
+            self._fi_gen = torch.Generator(device=w.device)
+        seed = hash_uniform(np.array([_STREAM_ENGINE]), _u64([info.default_seed]),
+                            np.array([step], dtype=np.uint64), np.zeros(1, dtype=np.uint64))
+        self._fi_gen.manual_seed(int(seed[0] * 2**53))
+        probs = w / w.sum(dim=-1, keepdim=True)
+        if info.top_p_rows is None:
+            out = self._fi.sampling_from_probs(probs, generator=self._fi_gen)
+        else:
+            top_p = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
+            top_p.index_copy_(0, info.top_p_rows, info.top_p)
+            out = self._fi.top_p_sampling_from_probs(probs, top_p, generator=self._fi_gen)
+        return out.to(torch.int64)
+
+
+def _keep_at_least(w: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """1.0 where w >= threshold else 0.0, with float ops only (bool masks are far slower on CPU):
+    sign(w - t) is -1 / 0 / 1; +1 then min 1 maps it to 0 / 1 / 1."""
+    return (w - threshold).sign_().add_(1.0).clamp_max_(1.0)
+
+
+def _keep_above(w: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """1.0 where w > threshold else 0.0 (float ops only)."""
+    return (w - threshold).sign_().clamp_min_(0.0)
+
+
+def _search(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw per row: the first index whose cumulative weight exceeds u * total.
+
+    right=True never lands on a zero-weight token, and target < total keeps it in range."""
+    total = cdf[:, -1:]
+    target = torch.minimum(u.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+
+
+class _RawLogprobs(NamedTuple):
+    """log_softmax of the raw logits for rows that asked, kept until the token is known."""
+
+    lp: torch.Tensor  # [L, V]
+    top_ids: Optional[torch.Tensor]
+    top_vals: Optional[torch.Tensor]
+
+    @classmethod
+    def compute(cls, logits: torch.Tensor, info: SamplingBatch) -> "_RawLogprobs":
+        rows = logits if info.all_logprobs else logits.index_select(0, info.logprob_rows)
+        lp = torch.log_softmax(rows, dim=-1)
+        top_ids = top_vals = None
+        if info.top_logprobs_max > 0:
+            top_vals, top_ids = lp.topk(info.top_logprobs_max, dim=-1)
+        return cls(lp, top_ids, top_vals)
+
+    def finish(self, token_ids: torch.Tensor, info: SamplingBatch):
+        B = info.batch_size
+        if info.all_logprobs:
+            chosen = self.lp.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+            return chosen, self.top_ids, self.top_vals
+        rows = info.logprob_rows
+        chosen = self.lp.gather(1, token_ids.index_select(0, rows).unsqueeze(1)).squeeze(1)
+        lp = torch.full((B,), math.nan, device=token_ids.device).index_copy_(0, rows, chosen)
+        if self.top_ids is None:
+            return lp, None, None
+        K = self.top_ids.shape[1]
+        ids = torch.zeros((B, K), dtype=torch.int64, device=token_ids.device)
+        vals = torch.full((B, K), -math.inf, device=token_ids.device)
+        return lp, ids.index_copy_(0, rows, self.top_ids), vals.index_copy_(0, rows, self.top_vals)
+
+
+def _apply_vocab_mask(logits: torch.Tensor, mask: torch.Tensor, rows: list[int], V: int) -> None:
+    """-inf on the disallowed tokens of the grammar rows (see Sampler.sample for the formats)."""
+    B = logits.shape[0]
+    if mask.shape[0] != B:
+        raise SamplingError(f"vocab_mask has {mask.shape[0]} rows, batch has {B}")
+    mask = mask.to(logits.device, non_blocking=True)
+    if mask.dtype == torch.bool:
+        if mask.shape[1] < V:
+            raise SamplingError(f"bool vocab_mask must be [B, {V}], got {tuple(mask.shape)}")
+        idx = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+        sub = logits.index_select(0, idx).masked_fill_(~mask.index_select(0, idx)[:, :V],
+                                                       -math.inf)
+        logits.index_copy_(0, idx, sub)
+        return
+    if mask.dtype != torch.int32 or mask.shape[1] < (V + 31) // 32:
+        raise SamplingError(f"bitmask vocab_mask must be int32 [B, {(V + 31) // 32}], "
+                            f"got {mask.dtype} {tuple(mask.shape)}")
+    xgr = _xgrammar()
+    if xgr is not None and logits.is_contiguous():
+        xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=V, indices=rows)
+        return
+    # torch fallback: unpack the 32 bits of each word (bit j of word w is token 32 * w + j)
+    idx = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+    words = mask.index_select(0, idx)[:, :(V + 31) // 32]
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, :V].bool()
+    sub = logits.index_select(0, idx).masked_fill_(~allowed, -math.inf)
+    logits.index_copy_(0, idx, sub)
+
+
+def _xgrammar():
+    try:
+        import xgrammar  # noqa: PLC0415 - heavy, only needed when a grammar mask arrives
+    except Exception:
+        return None
+    return xgrammar
