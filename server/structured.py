@@ -662,6 +662,60 @@ def tool_finish_reason(finish_reason: Optional[str], calls: Sequence[ToolCall]) 
     return finish_reason
 
 
+class ToolResponder:
+    """Turns one chat choice's generated text into OpenAI message fields / stream deltas.
+
+    Non-streaming: `message(text)` -> {"content", "tool_calls"?}. Streaming: `deltas(text)` for
+    each new piece of text and `finish()` at the end, each returning a list of `delta` dicts
+    ({"content": ...} or {"tool_calls": [...]}). `finish_reason(reason)` maps "stop" to
+    "tool_calls" once calls were found. With plan None or mode "none" text passes through.
+    """
+
+    def __init__(self, plan: Optional[ToolPlan]):
+        self._parse = plan is not None and plan.parse
+        self._names = sorted(plan.names) if self._parse else []
+        self._parser = ToolCallStreamParser(self._names) if self._parse else None
+        self.calls: list[ToolCall] = []
+
+    @property
+    def active(self) -> bool:
+        return self._parse
+
+    def message(self, text: str) -> dict:
+        if not self._parse:
+            return {"content": text}
+        result = parse_tool_calls(text, self._names)
+        self.calls = result.calls
+        msg: dict = {"content": result.content}
+        if result.calls:
+            msg["tool_calls"] = [c.to_openai() for c in result.calls]
+        return msg
+
+    def deltas(self, text: str) -> list[dict]:
+        if not self._parse:
+            return [{"content": text}] if text else []
+        return self._to_deltas(self._parser.feed(text))
+
+    def finish(self) -> list[dict]:
+        if not self._parse:
+            return []
+        return self._to_deltas(self._parser.finish())
+
+    def finish_reason(self, reason: Optional[str]) -> Optional[str]:
+        calls = self._parser.calls if self._parser is not None else self.calls
+        return tool_finish_reason(reason, calls or self.calls)
+
+    @staticmethod
+    def _to_deltas(events: list[StreamEvent]) -> list[dict]:
+        out: list[dict] = []
+        for e in events:
+            if isinstance(e, ContentDelta):
+                out.append({"content": e.text})
+            else:
+                out.append({"tool_calls": [e.to_openai()]})
+        return out
+
+
 # ============================================================================ chat template input
 
 
@@ -738,6 +792,35 @@ def prepare_tool_messages(messages: Sequence[Any], plan: Optional[ToolPlan], sup
     return out
 
 
+@dataclass(frozen=True)
+class StructuredChat:
+    """What a chat request's structured-output and tool fields resolve to."""
+
+    grammar: Optional[GrammarSpec]  # goes into SamplingParams.grammar
+    tools: Optional[ToolPlan]  # for ToolResponder; None without tools
+    messages: list[dict]  # role / content messages for the chat template
+
+
+def structured_chat(messages: Sequence[Any], response_format: Any = None, regex: Optional[str] = None,
+                    ebnf: Optional[str] = None, tools: Any = None, tool_choice: Any = None,
+                    parallel_tool_calls: Optional[bool] = None) -> StructuredChat:
+    """Resolve a chat request's response_format / regex / ebnf / tools into one StructuredChat.
+
+    A forced tool choice (required / named) cannot be combined with another output constraint
+    (400); with "auto" an explicit response_format wins and tool calls are still parsed.
+    Messages with tool calls and tool results are rendered for a template without tool support.
+    """
+    grammar = grammar_from_request(response_format, regex, ebnf)
+    plan = plan_tools(tools, tool_choice, parallel_tool_calls)
+    if plan is not None and plan.grammar is not None:
+        if grammar is not None and plan.mode in ("required", "named"):
+            raise StructuredOutputError("tool_choice 'required' or a named function cannot be combined with "
+                                        "response_format, regex or ebnf", "tool_choice")
+        if grammar is None:
+            grammar = plan.grammar
+    return StructuredChat(grammar, plan, prepare_tool_messages(messages, plan, supports_tools=False))
+
+
 def _template_call(call: Any) -> dict:
     c = dict(_as_dict(call))
     fn = dict(_as_dict(c.get("function", {})))
@@ -753,7 +836,8 @@ __all__ = [
     "StructuredOutputError", "validate_json_schema", "validate_regex", "validate_ebnf",
     "validate_grammar_spec", "grammar_from_request", "ToolFunction", "ToolPlan", "parse_tools",
     "plan_tools", "tool_call_grammar", "ToolCall", "ContentDelta", "ToolCallDelta", "StreamEvent",
-    "ToolParseResult", "ToolCallStreamParser", "parse_tool_calls", "tool_finish_reason",
+    "ToolParseResult", "ToolCallStreamParser", "parse_tool_calls", "tool_finish_reason", "ToolResponder",
     "make_tool_call_id", "template_supports_tools", "tools_system_prompt", "prepare_tool_messages",
+    "StructuredChat", "structured_chat",
     "TOOL_CALL_BEGIN", "TOOL_CALL_END",
 ]

@@ -306,3 +306,44 @@ def test_native_tool_templates_get_dict_arguments():
     out = prepare_tool_messages(messages, plan_tools([TIME]), supports_tools=True)
     assert out[0]["tool_calls"][0]["function"]["arguments"] == {"tz": 1}
     assert messages[0]["tool_calls"][0]["function"]["arguments"] == '{"tz": 1}'  # input untouched
+
+
+def test_tool_responder_non_streaming_and_streaming():
+    from server.structured import ToolResponder
+
+    text = 'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    plan = plan_tools([WEATHER, TIME], "auto")
+    r = ToolResponder(plan)
+    msg = r.message(text)
+    assert msg["content"] == "Sure." and msg["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert r.finish_reason("stop") == "tool_calls"
+
+    s = ToolResponder(plan)
+    deltas = [d for i in range(0, len(text), 5) for d in s.deltas(text[i:i + 5])] + s.finish()
+    assert "".join(d.get("content", "") for d in deltas) == "Sure."
+    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert calls[0]["function"]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+    assert json.loads(calls[1]["function"]["arguments"]) == {"city": "Oslo"}
+    assert s.finish_reason("stop") == "tool_calls" and s.finish_reason("length") == "length"
+
+    passthrough = ToolResponder(plan_tools([WEATHER], "none"))
+    assert passthrough.message(text) == {"content": text} and passthrough.deltas("x") == [{"content": "x"}]
+    assert passthrough.finish_reason("stop") == "stop" and not ToolResponder(None).active
+
+
+def test_structured_chat_resolution():
+    from server.structured import structured_chat
+
+    msgs = [{"role": "user", "content": "hi"}]
+    plain = structured_chat(msgs)
+    assert plain.grammar is None and plain.tools is None and plain.messages == msgs
+    forced = structured_chat(msgs, tools=[WEATHER], tool_choice="required")
+    assert forced.grammar == forced.tools.grammar and forced.messages[0]["role"] == "system"
+    # With "auto", an explicit response_format wins; tool calls are still parsed.
+    auto = structured_chat(msgs, response_format={"type": "json_object"}, tools=[WEATHER])
+    assert auto.grammar == GrammarSpec("json_object") and auto.tools.parse
+    with pytest.raises(StructuredOutputError) as e:
+        structured_chat(msgs, regex="a+", tools=[WEATHER], tool_choice="required")
+    assert e.value.param == "tool_choice"
+    none = structured_chat(msgs, tools=[WEATHER], tool_choice="none")
+    assert none.grammar is None and none.messages == msgs

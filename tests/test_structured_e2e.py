@@ -1,0 +1,335 @@
+"""Structured outputs and tool calling end to end: the real server, the real model, the openai SDK.
+
+One server (SmolLM2-135M, float32, CPU) for the module. Every constrained output must parse and
+validate whatever the sampler does, so the schema tests sample at temperature 1 with 20 seeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+jsonschema = pytest.importorskip("jsonschema")
+
+pytestmark = pytest.mark.slow
+
+SEEDS = range(20)
+SCHEMAS = {
+    "nested": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "address": {"type": "object",
+                        "properties": {"city": {"type": "string", "maxLength": 20},
+                                       "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                        "required": ["city", "zip"]},
+        },
+        "required": ["name", "address"],
+    },
+    "bounded_array": {
+        "type": "object",
+        "properties": {"colors": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                                  "minItems": 1, "maxItems": 3}},
+        "required": ["colors"],
+    },
+    "enums": {
+        "type": "object",
+        "properties": {"sentiment": {"enum": ["positive", "negative", "neutral"]},
+                       "confidence": {"type": "string", "enum": ["low", "high"]}},
+        "required": ["sentiment", "confidence"],
+    },
+    "int_ranges": {
+        "type": "object",
+        "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120},
+                       "floor": {"type": "integer", "minimum": -3, "maximum": 40}},
+        "required": ["age", "floor"],
+    },
+    "optional_closed": {
+        "type": "object",
+        "properties": {"title": {"type": "string", "maxLength": 30},
+                       "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
+                       "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3}},
+        "required": ["title"],
+        "additionalProperties": False,
+    },
+}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object",
+                   "properties": {"city": {"type": "string", "maxLength": 30},
+                                  "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "Get the local time in a timezone",
+    "parameters": {"type": "object", "properties": {"utc_offset": {"type": "integer", "minimum": -12, "maximum": 14}},
+                   "required": ["utc_offset"]}}}
+PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+ASK = [{"role": "user", "content": "Describe a person as JSON."}]
+
+
+def _model_dir() -> str:
+    try:
+        from scheduler_proc.models.embedded import ensure_embedded_model
+    except ImportError:
+        return "/tmp/smol/hf"
+    return str(ensure_embedded_model())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    cmd = [sys.executable, "-m", "server", "--model", _model_dir(), "--served-model-name", "smol",
+           "--port", str(port), "--dtype", "float32", "--device", "cpu", "--max-running-requests", "32"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            if proc.poll() is not None:
+                out = proc.stdout.read().decode(errors="replace")
+                pytest.fail(f"the server exited with {proc.returncode}:\n{out[-4000:]}")
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("the server did not become healthy in time")
+            time.sleep(0.5)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=300)
+
+
+def _gather(coros):
+    async def run():
+        return await asyncio.gather(*coros)
+    return asyncio.run(run())
+
+
+def _schema_format(name: str) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name], "strict": True}}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_json_schema_20_seeds_temperature_1(name, server):
+    async def one(seed: int):
+        c = openai.AsyncOpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=300)
+        r = await c.chat.completions.create(model="smol", messages=ASK, response_format=_schema_format(name),
+                                            temperature=1.0, seed=seed, max_tokens=200)
+        await c.close()
+        return r
+
+    for r in _gather([one(s) for s in SEEDS]):
+        choice = r.choices[0]
+        assert choice.finish_reason == "stop", choice
+        jsonschema.validate(json.loads(choice.message.content), SCHEMAS[name])
+
+
+def test_json_schema_streaming(server):
+    async def one(seed: int):
+        c = openai.AsyncOpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=300)
+        stream = await c.chat.completions.create(model="smol", messages=ASK, stream=True, temperature=1.0, seed=seed,
+                                                 response_format=_schema_format("nested"), max_tokens=200)
+        text, finish = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+        await c.close()
+        return text, finish
+
+    for text, finish in _gather([one(s) for s in range(8)]):
+        assert finish == "stop"
+        jsonschema.validate(json.loads(text), SCHEMAS["nested"])
+
+
+def test_json_object_mode(client):
+    for seed in range(4):
+        r = client.chat.completions.create(model="smol", messages=ASK, response_format={"type": "json_object"},
+                                           temperature=1.0, seed=seed, max_tokens=300)
+        if r.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(r.choices[0].message.content), dict)
+        else:  # an object that ran out of tokens is still a JSON object's prefix
+            assert r.choices[0].message.content.lstrip().startswith("{")
+
+
+def test_regex_chat_and_completions(client):
+    pattern = r"(Paris|London|Rome), [A-Z][a-z]{2,10}"
+    for seed in range(5):
+        r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "A capital?"}],
+                                           temperature=1.0, seed=seed, max_tokens=30, extra_body={"regex": pattern})
+        assert re.fullmatch(pattern, r.choices[0].message.content), r.choices[0].message.content
+        c = client.completions.create(model="smol", prompt="The capital of France is", temperature=1.0, seed=seed,
+                                      max_tokens=30, extra_body={"regex": pattern})
+        assert re.fullmatch(pattern, c.choices[0].text), c.choices[0].text
+
+
+def test_ebnf(client):
+    grammar = 'root ::= ("yes" | "no") ", because " [a-z ]{1,20} "."'
+    r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Is the sky blue?"}],
+                                       temperature=1.0, seed=1, max_tokens=40, extra_body={"ebnf": grammar})
+    assert re.fullmatch(r"(yes|no), because [a-z ]{1,20}\.", r.choices[0].message.content)
+
+
+def _check_calls(calls, names):
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        assert call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_tool_choice_required(client, parallel):
+    for seed in range(4):
+        r = client.chat.completions.create(
+            model="smol", messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+            tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=parallel,
+            temperature=1.0, seed=seed, max_tokens=200)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        _check_calls(choice.message.tool_calls, {"get_weather", "get_time"})
+        if not parallel:
+            assert len(choice.message.tool_calls) == 1
+
+
+def test_tool_choice_named(client):
+    for seed in range(4):
+        r = client.chat.completions.create(
+            model="smol", messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+            tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_time"}},
+            temperature=1.0, seed=seed, max_tokens=200)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        _check_calls(choice.message.tool_calls, {"get_time"})
+
+
+def test_tool_calls_streaming(client):
+    stream = client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "Weather in Oslo and the time in Tokyo?"}],
+        tools=[WEATHER, TIME], tool_choice="required", temperature=1.0, seed=3, max_tokens=200, stream=True)
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        for tc in delta.tool_calls or []:
+            entry = calls.setdefault(tc.index, {"id": None, "name": None, "arguments": ""})
+            if tc.id:
+                entry["id"] = tc.id
+            if tc.function and tc.function.name:
+                entry["name"] = tc.function.name
+            if tc.function and tc.function.arguments:
+                entry["arguments"] += tc.function.arguments
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and calls
+    for entry in calls.values():
+        assert entry["id"].startswith("call_")
+        jsonschema.validate(json.loads(entry["arguments"]), PARAMS[entry["name"]])
+
+
+def test_tool_results_round_trip(client):
+    first = client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+        tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=100)
+    call = first.choices[0].message.tool_calls[0]
+    messages = [
+        {"role": "user", "content": "What's the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18, "sky": "sunny"}'},
+    ]
+    r = client.chat.completions.create(model="smol", messages=messages, tools=[WEATHER], tool_choice="none",
+                                       temperature=0, max_tokens=40)
+    assert r.choices[0].message.content and not r.choices[0].message.tool_calls
+
+
+def test_tool_choice_auto_and_none(client):
+    for choice in ("auto", "none"):
+        r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Say hi."}],
+                                           tools=[WEATHER], tool_choice=choice, temperature=0, max_tokens=30)
+        c = r.choices[0]
+        assert c.finish_reason in ("stop", "length", "tool_calls")
+        if c.message.tool_calls:  # auto may call; then the call is valid
+            _check_calls(c.message.tool_calls, {"get_weather"})
+        else:
+            assert c.message.content
+
+
+def test_mixed_batch_unconstrained_outputs_unchanged(server):
+    plain = [{"role": "user", "content": f"Tell me a fact about the number {i}."} for i in range(3)]
+
+    async def ask(msg, **kw):
+        c = openai.AsyncOpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=300)
+        r = await c.chat.completions.create(model="smol", messages=[msg], temperature=0, max_tokens=40, **kw)
+        await c.close()
+        return r.choices[0].message.content
+
+    alone = _gather([ask(m) for m in plain])
+    constrained = [ask({"role": "user", "content": "A person?"}, response_format=_schema_format(n)) for n in SCHEMAS]
+    mixed = _gather([ask(m) for m in plain] + constrained)
+    assert mixed[:3] == alone
+    for text, name in zip(mixed[3:], SCHEMAS):
+        jsonschema.validate(json.loads(text), SCHEMAS[name])
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strng"}}}},
+     "unknown type"),
+    ({"extra_body": {"regex": "(unclosed"}}, "regex"),
+    ({"extra_body": {"ebnf": "start ::= 'x'"}}, "root"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "unknown function"),
+    # These pass the API's light checks; the scheduler's compiler rejects them (still a 400).
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "$ref": "#/definitions/missing"}}}}, "missing"),
+    ({"extra_body": {"regex": "(?<=a)b"}}, "Lookbehind"),
+])
+def test_bad_specs_are_400(client, kwargs, needle):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="smol", messages=ASK, max_tokens=10, **kwargs)
+    assert needle in str(e.value)
+
+
+def test_grammar_cache_hits_in_metrics(client, server):
+    def hits() -> float:
+        text = httpx.get(server + "/metrics").text
+        m = re.search(r'^skiff:grammar_cache_hits_total\{[^}]*\} ([0-9.e+]+)$', text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "c", "schema": {
+        "type": "object", "properties": {"cache_probe": {"type": "boolean"}}, "required": ["cache_probe"]}}}
+    before = hits()
+    for _ in range(3):
+        client.chat.completions.create(model="smol", messages=ASK, response_format=fmt, temperature=0, max_tokens=20)
+    deadline = time.monotonic() + 5
+    while hits() < before + 2 and time.monotonic() < deadline:  # stats arrive with the scheduler heartbeat
+        time.sleep(0.1)
+    assert hits() >= before + 2
