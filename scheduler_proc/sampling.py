@@ -18,15 +18,17 @@ Order of operations on a row (vLLM / OpenAI semantics):
   6. sampled rows: temperature, then min-p and top-k (both "keep weight >= per-row threshold"),
      then top-p over what is left, then one draw.
 
-Draws use inverse-CDF sampling with one uniform per row, derived by a counter-based hash from
-(seed, number of tokens generated so far) for seeded rows, so a seeded request gets the same
-tokens whatever else is in the batch and wherever it sits in it. Rows without a seed hash
-(default_seed, sampler step, row). Top-p uses exact rejection sampling instead of a sort (a
-[64, 49152] sort costs ~100 ms on a CPU core; rejection needs a few cheap passes): draw from the
-current distribution, accept if the mass strictly more likely than the candidate is < top_p,
-otherwise drop the candidate and everything no more likely than it and draw again. Every round
-removes at least one token, and the accepted token is distributed exactly as the renormalised
-nucleus.
+Draws use inverse-CDF sampling with one uniform per row (not Gumbel / exponential races, which
+need B * V random numbers: ~50 ms for [64, 49152] on a CPU core). The uniform comes from a
+counter-based hash of (seed, number of tokens generated so far) for seeded rows, so a seeded
+request gets the same tokens whatever else is in the batch and wherever it sits in it; rows
+without a seed hash (default_seed, sampler step, row). Top-p uses exact rejection sampling instead
+of a sort (a [64, 49152] sort costs ~100 ms on a CPU core; rejection needs a few cheap passes):
+draw from the current distribution, accept if the mass strictly more likely than the candidate is
+< top_p, otherwise drop the candidate and everything no more likely than it and draw again. Every
+round removes at least one token, and the accepted token is distributed exactly as the
+renormalised nucleus. On CUDA with FlashInfer importable, batches without seeded rows draw with
+FlashInfer's sampling kernels instead (same filters, its own generator).
 
 Features nobody in the batch uses are detected once in `build()` and skipped entirely; an
 all-greedy batch with no penalties, bias, bans, masks or logprobs is a single argmax.
@@ -97,8 +99,9 @@ class SamplingBatch:
     """Everything `Sampler.sample` needs for one step, built once from the requests' params.
 
     A field is None when no row of the batch uses the feature, which is how `sample` skips it.
-    Per-sampled-row tensors (temperatures, top_k_*, min_p, top_p) are indexed like `sample_rows`
-    (or like the batch when every row samples) and shaped [S, 1] for broadcasting.
+    Per-sampled-row tensors (temperatures, min_p) are indexed like `sample_rows` (or like the
+    batch when every row samples) and shaped [S, 1] for broadcasting; top_k_* and top_p cover
+    only the sampled rows listed in top_k_rows / top_p_rows (indices into the sampled rows).
     """
 
     batch_size: int
@@ -107,14 +110,15 @@ class SamplingBatch:
     all_greedy: bool
     # rows that draw at random; None when all rows do (or none: see all_greedy)
     sample_rows: Optional[torch.Tensor]
+    greedy_rows: Optional[torch.Tensor]  # the other rows, when both kinds are present
     num_sampled: int
     temperatures: Optional[torch.Tensor]  # [S, 1]; None when every sampled row uses 1.0
     min_p: Optional[torch.Tensor]  # [S, 1]; 0 = off
-    top_k_max: int  # widest top_k among sampled rows (0: no top-k)
-    top_k_index: Optional[torch.Tensor]  # [S, 1] int64: k - 1, clamped to top_k_max - 1
-    top_k_on: Optional[torch.Tensor]  # [S, 1] bool
-    top_p_rows: Optional[torch.Tensor]  # indices into the sampled rows with top_p < 1
-    top_p: Optional[torch.Tensor]  # [len(top_p_rows)]
+    top_k_rows: Optional[torch.Tensor]  # sampled rows with 1 < top_k < V; None: all or none
+    top_k_index: Optional[torch.Tensor]  # [Sk, 1] int64: k - 1 (None: no row uses top-k)
+    top_k_max: int  # widest top_k in use (0: none)
+    top_p_rows: Optional[torch.Tensor]  # sampled rows with top_p < 1; None: all or none
+    top_p: Optional[torch.Tensor]  # [Sp] (None: no row uses top-p)
     # randomness keys per sampled row (host arrays: uniforms are hashed on the host)
     rng_stream: np.ndarray
     rng_a: np.ndarray
@@ -171,21 +175,24 @@ class SamplingBatch:
         def col(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype).view(-1, 1).to(dev)
 
-        temperatures = min_p = top_k_index = top_k_on = top_p_rows = top_p = None
+        def subset(rows: list[int]) -> Optional[torch.Tensor]:
+            return None if len(rows) == S else torch.tensor(rows, dtype=torch.int64, device=dev)
+
+        temperatures = min_p = top_k_rows = top_k_index = top_p_rows = top_p = None
         top_k_max = 0
         if sp:
             if any(p.temperature != 1.0 for p in sp):
                 temperatures = col([p.temperature for p in sp])
             if any(p.min_p > 0.0 for p in sp):
                 min_p = col([p.min_p for p in sp])
-            ks = [p.top_k if 0 < p.top_k < V else 0 for p in sp]
-            top_k_max = max(ks)
-            if top_k_max > 0:
-                top_k_index = col([max(k, 1) - 1 for k in ks], torch.int64)
-                top_k_on = col([k > 0 for k in ks], torch.bool)
+            tk = [j for j, p in enumerate(sp) if 1 < p.top_k < V]
+            if tk:
+                top_k_rows = subset(tk)
+                top_k_index = col([sp[j].top_k - 1 for j in tk], torch.int64)
+                top_k_max = max(sp[j].top_k for j in tk)
             tp = [j for j, p in enumerate(sp) if p.top_p < 1.0]
             if tp:
-                top_p_rows = torch.tensor(tp, dtype=torch.int64, device=dev)
+                top_p_rows = subset(tp)
                 top_p = torch.tensor([sp[j].top_p for j in tp], dtype=torch.float32, device=dev)
 
         seeded = [p.seed is not None for p in sp]
@@ -209,8 +216,10 @@ class SamplingBatch:
             batch_size=B, vocab_size=V, device=dev, all_greedy=all_greedy,
             sample_rows=(torch.tensor(sampled, dtype=torch.int64, device=dev)
                          if 0 < S < B else None),
-            num_sampled=S, temperatures=temperatures, min_p=min_p, top_k_max=top_k_max,
-            top_k_index=top_k_index, top_k_on=top_k_on, top_p_rows=top_p_rows, top_p=top_p,
+            greedy_rows=(torch.tensor([i for i in range(B) if greedy[i]], dtype=torch.int64,
+                                      device=dev) if 0 < S < B else None),
+            num_sampled=S, temperatures=temperatures, min_p=min_p, top_k_rows=top_k_rows,
+            top_k_index=top_k_index, top_k_max=top_k_max, top_p_rows=top_p_rows, top_p=top_p,
             rng_stream=rng_stream, rng_a=rng_a, rng_b=rng_b, any_seeded=any(seeded),
             default_seed=default_seed, repetition=repetition, additive=additive,
             ban_eos_rows=ban_eos_rows, ban_pairs=ban_pairs, grammar_rows=grammar_rows,
@@ -262,39 +271,62 @@ def _row_keys(row: int, toks: Sequence[int], V: int) -> np.ndarray:
 
 
 def _penalty_pairs(params, prompt_ids, output_ids, V: int, dev: torch.device):
-    """(repetition pairs, additive pairs) for the rows that use penalties or logit bias."""
-    rep_keys, rep_vals = [], []
-    add: dict[int, float] = {}
-    for i, p in enumerate(params):
-        if p.repetition_penalty != 1.0:
-            k = np.unique(np.concatenate([_row_keys(i, prompt_ids[i], V),
-                                          _row_keys(i, output_ids[i], V)]))
-            rep_keys.append(k)
-            rep_vals.append(np.full(k.shape, p.repetition_penalty, dtype=np.float32))
-        if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
-            k, counts = np.unique(_row_keys(i, output_ids[i], V), return_counts=True)
-            delta = -(p.frequency_penalty * counts + p.presence_penalty)
-            for key, d in zip(k.tolist(), delta.tolist()):
-                add[key] = d
-        if p.logit_bias:
-            base = i * V
-            for tok, val in p.logit_bias.items():
-                key = base + int(tok)
-                add[key] = add.get(key, 0.0) + float(val)
+    """(repetition pairs, additive pairs) for the rows that use penalties or logit bias.
 
+    One np.unique over all rows at once (keys are row * V + token), not one per row."""
     repetition = None
-    if rep_keys:
-        keys = np.concatenate(rep_keys)
-        repetition = _to_pairs(keys, np.concatenate(rep_vals), V, dev)
+    rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if rep_rows:
+        keys, _ = _unique(np.concatenate(
+            [_row_keys(i, prompt_ids[i], V) for i in rep_rows]
+            + [_row_keys(i, output_ids[i], V) for i in rep_rows]))
+        factor = np.array([p.repetition_penalty for p in params], dtype=np.float32)
+        repetition = _to_pairs(keys, factor[keys // V], V, dev)
+
+    add_keys, add_vals = [], []
+    pen_rows = [i for i, p in enumerate(params)
+                if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
+    if pen_rows:
+        keys, counts = _unique(np.concatenate([_row_keys(i, output_ids[i], V)
+                                               for i in pen_rows]))
+        rows = keys // V
+        freq = np.array([p.frequency_penalty for p in params], dtype=np.float64)
+        pres = np.array([p.presence_penalty for p in params], dtype=np.float64)
+        add_keys.append(keys)
+        add_vals.append(-(freq[rows] * counts + pres[rows]))
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            toks = np.fromiter(p.logit_bias.keys(), dtype=np.int64, count=len(p.logit_bias))
+            add_keys.append(toks + np.int64(i) * V)
+            add_vals.append(np.fromiter(p.logit_bias.values(), dtype=np.float64,
+                                        count=len(p.logit_bias)))
+
     additive = None
-    if add:
-        keys = np.fromiter(add.keys(), dtype=np.int64, count=len(add))
-        vals = np.fromiter(add.values(), dtype=np.float32, count=len(add))
+    if add_keys:
+        # a token can carry both a penalty and a bias: sum them so each pair is written once
+        all_keys = np.concatenate(add_keys)
+        order = np.argsort(all_keys, kind="stable")
+        keys, counts = _unique(all_keys[order], presorted=True)
+        vals = np.add.reduceat(np.concatenate(add_vals)[order], np.cumsum(counts) - counts)
         additive = _to_pairs(keys, vals, V, dev)
     return repetition, additive
 
 
-def _to_pairs(keys: np.ndarray, vals: np.ndarray, V: int, dev: torch.device) -> _Pairs:
+def _unique(keys: np.ndarray, presorted: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique keys and their counts. Sort-based: numpy's default hash path for
+    np.unique is ~20x slower on the ~10k keys a penalised batch has."""
+    s = keys if presorted else np.sort(keys)
+    if s.size == 0:
+        return s, np.zeros(0, dtype=np.int64)
+    first = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))
+    counts = np.diff(np.append(first, s.size))
+    return s[first], counts
+
+
+def _to_pairs(keys: np.ndarray, vals: np.ndarray, V: int,
+              dev: torch.device) -> Optional[_Pairs]:
+    if keys.size == 0:
+        return None
     rows, cols = np.divmod(keys, V)
     return _Pairs(torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev),
                   torch.from_numpy(np.ascontiguousarray(vals, dtype=np.float32)).to(dev))
@@ -483,7 +515,10 @@ class Sampler:
         elif info.sample_rows is None:
             token_ids = self._draw(logits, info, step)
         else:
-            token_ids = logits.argmax(dim=-1)
+            # argmax is slow on CPU (~30 us a row): only the greedy rows pay for it
+            token_ids = torch.empty(B, dtype=torch.int64, device=logits.device)
+            token_ids.index_copy_(0, info.greedy_rows,
+                                  logits.index_select(0, info.greedy_rows).argmax(dim=-1))
             x = logits.index_select(0, info.sample_rows)
             token_ids.index_copy_(0, info.sample_rows, self._draw(x, info, step))
 
@@ -524,46 +559,60 @@ class Sampler:
         """One random token per row of x [S, V] (the sampled rows, already processed)."""
         if info.temperatures is not None:
             x = x.div_(info.temperatures)
-        # Work with unnormalised weights w = exp(x - max): max weight is exactly 1, so min-p's
-        # "prob >= min_p * max prob" is "w >= min_p", and no softmax normalisation is needed.
-        w = x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
-        threshold = info.min_p
-        if info.top_k_max > 0:
-            kth = w.topk(info.top_k_max, dim=-1, sorted=True).values.gather(1, info.top_k_index)
-            kth = kth.masked_fill_(~info.top_k_on, 0.0)
-            threshold = kth if threshold is None else torch.maximum(threshold, kth)
-        if threshold is not None:
-            w.mul_(_keep_at_least(w, threshold))
+        w = torch.softmax(x, dim=-1)
+        w = self._filter(w, info)
 
         if self._fi is not None and not info.any_seeded:
             return self._draw_flashinfer(w, info, step)
 
-        S = w.shape[0]
-        cdf = w.cumsum(dim=-1)
-        tokens = _search(cdf, self._uniforms(info, step, 0, None))
-        if info.top_p_rows is None:
+        tokens = _inverse_cdf(w, self._uniforms(info, step, 0, None))
+        if info.top_p is None:
             return tokens
 
-        # Top-p by rejection (see the module docstring). Only rows with top_p < 1 take part.
+        # Top-p by rejection (see the module docstring); only rows with top_p < 1 take part.
         idx = info.top_p_rows
-        cur = w.index_select(0, idx)
+        cur = w if idx is None else w.index_select(0, idx)
+        cand = tokens if idx is None else tokens.index_select(0, idx)
+        if idx is None:
+            idx = torch.arange(w.shape[0], device=w.device)
         limit = info.top_p * cur.sum(dim=-1)
-        cand = tokens.index_select(0, idx)
         rnd = 0
         while True:
+            # keep only tokens strictly more likely than the candidate: their mass decides
+            # acceptance, and if the candidate is rejected they are what the next draw is from
             p_cand = cur.gather(1, cand.unsqueeze(1))
-            cur = cur * _keep_above(cur, p_cand)
-            rejected = cur.sum(dim=-1) >= limit
-            rej = rejected.nonzero().squeeze(1)
+            kept = torch.gt(cur, p_cand, out=torch.empty_like(cur)).mul_(cur)
+            rej = (kept.sum(dim=-1) >= limit).nonzero().squeeze(1)
             if rej.numel() == 0:
                 break
-            idx, cur, limit = idx[rej], cur[rej], limit[rej]
+            idx, cur, limit = idx[rej], kept[rej], limit[rej]
             rnd += 1
-            cand = _search(cur.cumsum(dim=-1), self._uniforms(info, step, rnd, idx))
+            cand = _inverse_cdf(cur, self._uniforms(info, step, rnd, idx))
             tokens.index_copy_(0, idx, cand)
-            if rnd > S * w.shape[1]:  # unreachable: every round removes at least one token
+            if rnd > w.shape[1]:  # unreachable: every round removes at least one token
                 raise RuntimeError("top-p rejection sampling did not terminate")
         return tokens
+
+    @staticmethod
+    def _filter(w: torch.Tensor, info: SamplingBatch) -> torch.Tensor:
+        """min-p and top-k: both keep the tokens whose probability is >= a per-row threshold."""
+        if info.min_p is None and info.top_k_index is None:
+            return w
+        if info.min_p is not None:
+            threshold = info.min_p * w.amax(dim=-1, keepdim=True)
+        else:
+            threshold = torch.zeros((w.shape[0], 1), device=w.device)
+        if info.top_k_index is not None:
+            rows = info.top_k_rows
+            sub = w if rows is None else w.index_select(0, rows)
+            # topk costs ~0.1 ms per row on a CPU core, so only rows that use top-k pay it
+            kth = sub.topk(info.top_k_max, dim=-1).values.gather(1, info.top_k_index)
+            if rows is None:
+                threshold = torch.maximum(threshold, kth)
+            else:
+                threshold[rows] = torch.maximum(threshold[rows], kth)
+        # a float-valued comparison then a multiply: much cheaper on CPU than bool masks
+        return torch.ge(w, threshold, out=torch.empty_like(w)).mul_(w)
 
     def _uniforms(self, info: SamplingBatch, step: int, rnd: int,
                   rows: Optional[torch.Tensor]) -> torch.Tensor:
@@ -576,7 +625,7 @@ class Sampler:
         c = np.where(stream == _STREAM_SEEDED, np.uint64(rnd),
                      np.uint64(step) * np.uint64(1 << 20) + np.uint64(rnd))
         u = hash_uniform(stream, a, b, c)
-        return torch.from_numpy(u.astype(np.float32)).to(info.device)
+        return torch.from_numpy(u).to(info.device)
 
     def _draw_flashinfer(self, w: torch.Tensor, info: SamplingBatch, step: int) -> torch.Tensor:
         if self._fi_gen is None:
@@ -585,33 +634,52 @@ class Sampler:
                             np.array([step], dtype=np.uint64), np.zeros(1, dtype=np.uint64))
         self._fi_gen.manual_seed(int(seed[0] * 2**53))
         probs = w / w.sum(dim=-1, keepdim=True)
-        if info.top_p_rows is None:
+        if info.top_p is None:
             out = self._fi.sampling_from_probs(probs, generator=self._fi_gen)
         else:
-            top_p = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
-            top_p.index_copy_(0, info.top_p_rows, info.top_p)
+            top_p = info.top_p
+            if info.top_p_rows is not None:
+                top_p = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
+                top_p.index_copy_(0, info.top_p_rows, info.top_p)
             out = self._fi.top_p_sampling_from_probs(probs, top_p, generator=self._fi_gen)
         return out.to(torch.int64)
 
 
-def _keep_at_least(w: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """1.0 where w >= threshold else 0.0, with float ops only (bool masks are far slower on CPU):
-    sign(w - t) is -1 / 0 / 1; +1 then min 1 maps it to 0 / 1 / 1."""
-    return (w - threshold).sign_().add_(1.0).clamp_max_(1.0)
+_BLOCK = 1024
 
 
-def _keep_above(w: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """1.0 where w > threshold else 0.0 (float ops only)."""
-    return (w - threshold).sign_().clamp_min_(0.0)
+def _inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw per row of unnormalised weights w [n, V] with uniforms u [n].
+
+    Two levels instead of a [n, V] cumsum (a slow sequential scan on CPU): block sums pick the
+    block holding the target mass, then a cumsum over that one block picks the token. Both
+    cumsums run in float64, so tiny weights keep their share. searchsorted(right=True) with a
+    target strictly below the total never lands on a zero-weight block or token.
+    """
+    n, V = w.shape
+    nb = V // _BLOCK
+    parts = []
+    if nb:
+        parts.append(w[:, :nb * _BLOCK].reshape(n, nb, _BLOCK).sum(dim=-1))
+    if V > nb * _BLOCK:
+        parts.append(w[:, nb * _BLOCK:].sum(dim=-1, keepdim=True))
+    sums = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    csum = sums.to(torch.float64).cumsum(dim=-1)
+    target = _below_total(u.to(torch.float64).unsqueeze(1) * csum[:, -1:], csum[:, -1:])
+    block = torch.searchsorted(csum, target, right=True).clamp_(max=csum.shape[1] - 1)
+    before = torch.where(block > 0, csum.gather(1, (block - 1).clamp_(min=0)), 0.0)
+    start = block * _BLOCK
+    cols = start + torch.arange(_BLOCK, device=w.device)
+    vals = w.gather(1, cols.clamp(max=V - 1))
+    vals = torch.where(cols < V, vals, 0.0)
+    local = vals.to(torch.float64).cumsum(dim=-1)
+    local_target = _below_total((target - before).clamp_(min=0.0), local[:, -1:])
+    j = torch.searchsorted(local, local_target, right=True).clamp_(max=_BLOCK - 1)
+    return (start + j).squeeze(1)
 
 
-def _search(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw per row: the first index whose cumulative weight exceeds u * total.
-
-    right=True never lands on a zero-weight token, and target < total keeps it in range."""
-    total = cdf[:, -1:]
-    target = torch.minimum(u.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+def _below_total(target: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    return torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
 
 
 class _RawLogprobs(NamedTuple):
