@@ -1,0 +1,18 @@
+"""KV page allocator and prefix caches (radix tree, or none for --disable-radix-cache)."""
+
+from .allocator import PageAllocator
+from .base import BasePageAllocator, BasePrefixCache, MatchResult
+from .no_prefix_cache import NoPrefixCache
+from .radix_tree import CacheHandle, CacheInvariantError, RadixCache, StaleHandleError
+
+__all__ = [
+    "BasePageAllocator",
+    "BasePrefixCache",
+    "CacheHandle",
+    "CacheInvariantError",
+    "MatchResult",
+    "NoPrefixCache",
+    "PageAllocator",
+    "RadixCache",
+    "StaleHandleError",
+]

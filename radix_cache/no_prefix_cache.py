@@ -1,0 +1,69 @@
+"""The prefix cache used with --disable-radix-cache: the same interface, caching nothing."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .base import BasePageAllocator, BasePrefixCache, MatchResult
+
+
+class NoPrefixCache(BasePrefixCache):
+    """A BasePrefixCache that never holds a page, so callers need no special case.
+
+    - `match_prefix` matches nothing (node is None; `count=True` counts every token a miss).
+    - `lock` / `unlock` accept any handle and do nothing.
+    - `insert(key, pages)` takes ownership of nothing and returns len(key) rounded down to a page
+      multiple, i.e. "everything was already cached": by the base contract the caller still owns
+      all of `pages` and, holding none of them through a lock, frees them all itself.
+    - `evict` frees nothing (returns 0); `reset` does nothing.
+    """
+
+    def __init__(self, allocator: BasePageAllocator, page_size: int = 1) -> None:
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.allocator = allocator
+        self.page_size = page_size
+        self.hit_tokens = 0
+        self.miss_tokens = 0
+
+    def match_prefix(self, key: Sequence[int], count: bool = False) -> MatchResult:
+        if count:
+            self.miss_tokens += len(key)
+        return MatchResult([], 0, None)
+
+    def lock(self, node: Any) -> None:
+        pass
+
+    def unlock(self, node: Any) -> None:
+        pass
+
+    def insert(self, key: Sequence[int], pages: Sequence[int]) -> int:
+        aligned = len(key) - len(key) % self.page_size
+        if len(pages) != aligned // self.page_size:
+            raise ValueError(f"insert needs len(key) // page_size = {aligned // self.page_size} pages, "
+                             f"got {len(pages)}")
+        return aligned
+
+    def evict(self, num_pages: int) -> int:
+        return 0
+
+    def reset(self) -> None:
+        pass
+
+    @property
+    def num_cached_pages(self) -> int:
+        return 0
+
+    @property
+    def num_locked_pages(self) -> int:
+        return 0
+
+    @property
+    def num_evictable_pages(self) -> int:
+        return 0
+
+    def owned_pages(self) -> list[int]:
+        return []
+
+    def check_invariants(self) -> None:
+        """Nothing to check: the cache holds no state besides its counters."""
