@@ -1,0 +1,127 @@
+"""Shared fixtures: a real Skiff server (all its processes) as a subprocess on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# The shared server's context length: small, so "prompt too long" and "max_tokens defaults to the
+# rest of the context" are cheap to exercise on CPU.
+SERVER_MAX_MODEL_LEN = 512
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # The ppid is the second field after the ")" closing the command name.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def proc_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class SkiffServer:
+    """`python -m server ...` on a free port; `start()` returns once /health says 200."""
+
+    def __init__(self, *args: str, api_key: Optional[str] = None):
+        self.port = free_port()
+        self.args = ["--dtype", "float32", "--device", "cpu", "--port", str(self.port), *args]
+        if api_key:
+            self.args += ["--api-key", api_key]
+        self.api_key = api_key
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: Optional[subprocess.Popen] = None
+        self.log: list[str] = []
+
+    def start(self, timeout_s: float = 600.0) -> "SkiffServer":
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "server", *self.args], cwd=REPO, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._pump, daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n" + "".join(self.log[-60:]))
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError("server did not become healthy:\n" + "".join(self.log[-60:]))
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.log.append(line)
+
+    def children(self) -> dict[str, int]:
+        """{process name: pid} of the server's child processes."""
+        return {proc_name(p): p for p in child_pids(self.proc.pid)}
+
+    def stop(self, timeout_s: float = 30.0) -> Optional[int]:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def metrics(self) -> dict[str, float]:
+        """Unlabelled view of /metrics: metric name -> value (last sample wins)."""
+        out = {}
+        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name.split("{", 1)[0]] = float(value)
+        return out
+
+
+@pytest.fixture(scope="session")
+def skiff_server():
+    """One server with the embedded SmolLM2 in float32, shared by every test that needs it."""
+    server = SkiffServer("--max-model-len", str(SERVER_MAX_MODEL_LEN)).start()
+    yield server
+    server.stop()

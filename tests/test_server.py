@@ -1,0 +1,461 @@
+"""The real multi-process server end to end: openai SDK + httpx against `python -m server`.
+
+One shared server (embedded SmolLM2, float32 so text is exact, context 512) serves most tests;
+the supervision tests (child death, SIGTERM, API key) start their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import SERVER_MAX_MODEL_LEN, SkiffServer, pid_alive
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "What is the capital of France?"
+SYSTEM = ("You are a meticulous assistant for a travel agency. You answer questions about European capitals, "
+          "their museums, their food and their history in short, friendly sentences. ") * 3
+
+
+@pytest.fixture(scope="module")
+def server(skiff_server):
+    return skiff_server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The in-process Engine with the server's configuration (the reference for greedy output)."""
+    from scheduler_proc.engine import Engine
+    from server.config import ServerConfig
+
+    return Engine(ServerConfig(dtype="float32", device="cpu", max_model_len=SERVER_MAX_MODEL_LEN))
+
+
+def _chat(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _sse_events(lines) -> list:
+    """Parsed `data:` payloads of an SSE body ("[DONE]" kept as a string)."""
+    events = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[6:]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def _wait_idle(server: SkiffServer, timeout_s: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = server.metrics()
+        if m["skiff:num_running_requests"] == 0 and m["skiff:num_waiting_requests"] == 0:
+            return m
+        if time.monotonic() > deadline:
+            raise AssertionError(f"server still busy: {m}")
+        time.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------- basics
+
+
+def test_models_health_metrics(server, client, model):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["SmolLM2-135M-Instruct"]
+    assert httpx.get(server.url + "/v1/models").json()["data"][0]["max_model_len"] == SERVER_MAX_MODEL_LEN
+    assert httpx.get(server.url + "/health").status_code == 200
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("skiff:num_running_requests", "skiff:num_waiting_requests", "skiff:kv_cache_usage",
+                 "skiff:prefix_cache_hit_rate", "skiff:prompt_tokens_total", "skiff:generation_tokens_total",
+                 "skiff:time_to_first_token_seconds_bucket", "skiff:inter_token_latency_seconds_bucket",
+                 "skiff:e2e_request_latency_seconds_bucket"):
+        assert name in text, name
+
+
+def test_api_process_stays_light(server):
+    """No torch in the API process (the tokenizer and detokenizer neither)."""
+    def has_torch(pid):
+        with open(f"/proc/{pid}/maps") as f:
+            return "libtorch" in f.read()
+
+    assert not has_torch(server.proc.pid)
+    kids = server.children()
+    assert {"skiff-tokenizer", "skiff-detok", "skiff-sched-0"} <= set(kids)
+    assert not has_torch(kids["skiff-tokenizer"]) and not has_torch(kids["skiff-detok"])
+    assert has_torch(kids["skiff-sched-0"])
+
+
+def test_greedy_chat_equals_in_process_engine(client, model, engine):
+    from server.ipc import SamplingParams
+
+    for question in (QUESTION, "Write a haiku about the sea."):
+        res = client.chat.completions.create(model=model, messages=_chat(question), temperature=0, max_tokens=24)
+        ids = engine.tokenizer.apply_chat_template(_chat(question), add_generation_prompt=True)
+        ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+        ref = engine.generate([ids], SamplingParams(max_new_tokens=24, temperature=0.0))[0]
+        ref_text = engine.tokenizer.decode(ref.output_ids, skip_special_tokens=True)
+        assert res.choices[0].message.content == ref_text
+        assert res.usage.prompt_tokens == len(ids)
+        assert res.usage.completion_tokens == len(ref.output_ids)
+        assert res.choices[0].finish_reason == ref.finish_reason
+    assert "Paris" in client.chat.completions.create(model=model, messages=_chat(QUESTION), temperature=0,
+                                                     max_tokens=24).choices[0].message.content
+
+
+def test_chat_nonstreaming_shape(client, model):
+    res = client.chat.completions.create(model=model, messages=_chat(QUESTION), temperature=0, max_tokens=5)
+    assert res.object == "chat.completion" and res.id.startswith("chatcmpl-")
+    assert res.model == model and res.choices[0].index == 0
+    assert res.choices[0].message.role == "assistant"
+    assert res.choices[0].finish_reason == "length"
+    u = res.usage
+    assert u.completion_tokens == 5 and u.total_tokens == u.prompt_tokens + 5
+    assert u.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_chat_streaming_equals_nonstreaming(client, model):
+    ref = client.chat.completions.create(model=model, messages=_chat(QUESTION), temperature=0, max_tokens=30)
+    chunks = list(client.chat.completions.create(model=model, messages=_chat(QUESTION), temperature=0,
+                                                 max_tokens=30, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    assert all(c.usage is None for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == ref.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks][-1] == ref.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_stream_include_usage_and_done(server, model):
+    body = {"model": model, "messages": _chat(QUESTION), "temperature": 0, "max_tokens": 7, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = _sse_events(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    final = events[-2]
+    assert final["choices"] == [] and final["usage"]["completion_tokens"] == 7
+    assert final["usage"]["total_tokens"] == final["usage"]["prompt_tokens"] + 7
+    assert "cached_tokens" in final["usage"]["prompt_tokens_details"]
+    assert all(e["usage"] is None for e in events[:-2])
+    assert events[-3]["choices"][0]["finish_reason"] == "length" and events[-3]["choices"][0]["delta"] == {}
+
+
+def test_completions_prompt_forms(client, model, engine):
+    text = "The capital of France is"
+    ids = engine.tokenizer.encode(text)
+    a = client.completions.create(model=model, prompt=text, temperature=0, max_tokens=8)
+    b = client.completions.create(model=model, prompt=ids, temperature=0, max_tokens=8)
+    assert a.object == "text_completion" and a.id.startswith("cmpl-")
+    assert a.choices[0].text == b.choices[0].text and a.usage.prompt_tokens == len(ids)
+    ref = engine.generate([ids], __import__("server.ipc", fromlist=["x"]).SamplingParams(max_new_tokens=8,
+                                                                                           temperature=0.0))[0]
+    assert a.choices[0].text == engine.tokenizer.decode(ref.output_ids, skip_special_tokens=True)
+    other = "One, two, three,"
+    many = client.completions.create(model=model, prompt=[text, other], temperature=0, max_tokens=8)
+    assert [c.index for c in many.choices] == [0, 1]
+    assert many.choices[0].text == a.choices[0].text
+    single_other = client.completions.create(model=model, prompt=other, temperature=0, max_tokens=8)
+    assert many.choices[1].text == single_other.choices[0].text
+    assert many.usage.prompt_tokens == a.usage.prompt_tokens + single_other.usage.prompt_tokens
+    lists = client.completions.create(model=model, prompt=[ids, engine.tokenizer.encode(other)], temperature=0,
+                                      max_tokens=8)
+    assert [c.text for c in lists.choices] == [c.text for c in many.choices]
+    echo = client.completions.create(model=model, prompt=ids, temperature=0, max_tokens=8, echo=True)
+    assert echo.choices[0].text == text + a.choices[0].text
+
+
+def test_completions_streaming(client, model):
+    ref = client.completions.create(model=model, prompt=["Once upon a time", "The sea is"], temperature=0,
+                                    max_tokens=12)
+    chunks = list(client.completions.create(model=model, prompt=["Once upon a time", "The sea is"], temperature=0,
+                                            max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    texts = ["", ""]
+    finish = [None, None]
+    for c in chunks[:-1]:
+        for ch in c.choices:
+            texts[ch.index] += ch.text
+            finish[ch.index] = ch.finish_reason or finish[ch.index]
+    assert texts == [c.text for c in ref.choices]
+    assert finish == [c.finish_reason for c in ref.choices]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == ref.usage.completion_tokens
+
+
+def test_max_tokens_defaults_to_rest_of_context(client, model):
+    prompt = list(range(1000, 1000 + SERVER_MAX_MODEL_LEN - 6))
+    res = client.completions.create(model=model, prompt=prompt, temperature=0, extra_body={"ignore_eos": True})
+    assert res.usage.completion_tokens == 6 and res.choices[0].finish_reason == "length"
+
+
+# ----------------------------------------------------------------------------- stop strings, cache
+
+
+def test_stop_strings_across_token_boundaries(server, client, model, engine):
+    from server.ipc import SamplingParams
+
+    ids = engine.tokenizer.apply_chat_template(_chat(QUESTION), add_generation_prompt=True)
+    ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+    out = engine.generate([ids], SamplingParams(max_new_tokens=20, temperature=0.0))[0].output_ids
+    pieces = [engine.tokenizer.decode(out[: i + 1], skip_special_tokens=True) for i in range(len(out))]
+    full = pieces[-1]
+    # A stop string made of the end of token 3 and the start of token 4.
+    boundary = len(pieces[2])
+    stop = full[boundary - 2: boundary + 2]
+    assert len(stop) == 4 and full.find(stop) == boundary - 2, (full, stop)
+    expected = full[: boundary - 2]
+    res = client.chat.completions.create(model=model, messages=_chat(QUESTION), temperature=0, max_tokens=20,
+                                         stop=[stop, "never-appears"])
+    assert res.choices[0].message.content == expected
+    assert res.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model=model, messages=_chat(QUESTION), temperature=0,
+                                                 max_tokens=20, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    comp = client.completions.create(model=model, prompt=ids, temperature=0, max_tokens=20, stop=stop)
+    assert comp.choices[0].text == expected and comp.choices[0].finish_reason == "stop"
+    _wait_idle(server)  # the stop string freed the scheduler's request
+
+
+def test_shared_system_prompt_reports_cached_tokens(client, model):
+    def ask(q):
+        return client.chat.completions.create(
+            model=model, messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+            temperature=0, max_tokens=2)
+
+    first = ask("Tell me about Rome.")
+    second = ask("Tell me about Vienna.")
+    assert first.usage.prompt_tokens > 60
+    assert second.usage.prompt_tokens_details.cached_tokens >= 60
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+
+
+def test_32_concurrent_streams(server, model):
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=300)
+
+        async def one(i):
+            stream = await aclient.chat.completions.create(
+                model=model, messages=_chat(f"Count from {i} to {i + 5}."), temperature=0, max_tokens=16,
+                stream=True)
+            text, finish = "", None
+            async for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                    finish = chunk.choices[0].finish_reason or finish
+            return text, finish
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(32)))
+        finally:
+            await aclient.close()
+
+    results = asyncio.run(main())
+    assert len(results) == 32
+    assert all(text and finish in ("stop", "length") for text, finish in results)
+    _wait_idle(server)
+
+
+def test_disconnect_frees_kv(server, model):
+    body = {"model": model, "prompt": "Tell me a very long story.", "max_tokens": 400, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        got = 0
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                got += 1
+                if got == 3:
+                    break
+        r.close()
+    t0 = time.monotonic()
+    _wait_idle(server, timeout_s=1.5)
+    assert time.monotonic() - t0 < 1.5
+    res = httpx.post(server.url + "/flush_cache", timeout=30)
+    assert res.status_code == 200, res.text
+    time.sleep(0.6)  # next heartbeat
+    assert server.metrics()["skiff:kv_cache_usage"] == 0.0
+
+
+def test_flush_cache_refused_while_running(server, model):
+    body = {"model": model, "prompt": "Tell me a very long story.", "max_tokens": 300, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()  # keep the generator: dropping it would close the connection
+        next(line for line in lines if line.startswith("data: "))
+        res = httpx.post(server.url + "/flush_cache", timeout=30)
+        assert next(line for line in lines if line.startswith("data: "))  # still streaming
+    assert res.status_code == 400 and "running" in res.json()["error"]["message"]
+    _wait_idle(server)
+
+
+def test_tokenize_detokenize(server, model, engine):
+    res = httpx.post(server.url + "/tokenize", json={"model": model, "prompt": "Hello world"}).json()
+    assert res["tokens"] == engine.tokenizer.encode("Hello world")
+    assert res["count"] == len(res["tokens"]) and res["max_model_len"] == SERVER_MAX_MODEL_LEN
+    chat = httpx.post(server.url + "/tokenize", json={"messages": _chat(QUESTION)}).json()
+    ids = engine.tokenizer.apply_chat_template(_chat(QUESTION), add_generation_prompt=True)
+    assert chat["tokens"] == (list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids))
+    back = httpx.post(server.url + "/detokenize", json={"tokens": res["tokens"]}).json()
+    assert back == {"prompt": "Hello world"}
+    assert httpx.post(server.url + "/detokenize", json={"tokens": [10 ** 7]}).status_code == 400
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _error(res: httpx.Response, status: int) -> dict:
+    assert res.status_code == status, res.text
+    err = res.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": -0.5}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, "top_p"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "frobnicate": True}, "frobnicate"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": [""]}, "stop"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": SERVER_MAX_MODEL_LEN}, "max_tokens"),
+])
+def test_chat_validation_errors(server, model, body, param):
+    err = _error(httpx.post(server.url + "/v1/chat/completions", json={"model": model, **body}), 400)
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+
+
+def test_malformed_json_and_prompt_too_long(server, model, client):
+    r = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "x", "messages": [',
+                   headers={"content-type": "application/json"})
+    assert "JSON" in _error(r, 400)["message"]
+    long_prompt = list(range(100, 100 + SERVER_MAX_MODEL_LEN + 10))
+    err = _error(httpx.post(server.url + "/v1/completions", json={"model": model, "prompt": long_prompt}), 400)
+    assert "context length" in err["message"]
+    err = _error(httpx.post(server.url + "/v1/completions",
+                            json={"model": model, "prompt": "x " * 2000, "stream": True}), 400)
+    assert "context length" in err["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model, messages=_chat("x " * 2000))
+    _error(httpx.post(server.url + "/v1/completions", json={"model": model, "prompt": [[1, 2], "a"]}), 400)
+    _error(httpx.post(server.url + "/v1/completions", json={"model": model, "prompt": [10 ** 6]}), 400)
+    _error(httpx.post(server.url + "/v1/completions", json={"model": model, "prompt": "x", "suffix": "y"}), 400)
+
+
+def test_unknown_model_and_route(server, client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-17", messages=_chat("hi"))
+    err = _error(httpx.post(server.url + "/v1/completions", json={"model": "gpt-17", "prompt": "x"}), 404)
+    assert err["code"] == "model_not_found" and err["param"] == "model"
+    _error(httpx.get(server.url + "/v1/nothing-here"), 404)
+
+
+def test_sampling_fields_pass_through(client, model):
+    res = client.chat.completions.create(
+        model=model, messages=_chat(QUESTION), temperature=0.8, top_p=0.9, seed=7, max_tokens=6, user="u1",
+        frequency_penalty=0.1, presence_penalty=0.1, logit_bias={"100": -5},
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 2})
+    again = client.chat.completions.create(
+        model=model, messages=_chat(QUESTION), temperature=0.8, top_p=0.9, seed=7, max_tokens=6, user="u1",
+        frequency_penalty=0.1, presence_penalty=0.1, logit_bias={"100": -5},
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 2})
+    assert res.choices[0].message.content == again.choices[0].message.content  # same seed, same text
+    assert res.usage.completion_tokens >= 2
+
+
+# ----------------------------------------------------------------------------- supervision
+
+
+def test_api_key_and_scheduler_death():
+    """401 without the key; then killing the scheduler ends the server non-zero within 5 s, and a
+    stream in flight gets an SSE error event followed by [DONE]."""
+    srv = SkiffServer(api_key="sekret").start()
+    try:
+        url = srv.url + "/v1/chat/completions"
+        body = {"messages": _chat(QUESTION), "max_tokens": 3}
+        _error(httpx.post(url, json=body), 401)
+        assert _error(httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}), 401)["code"] \
+            == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        ok = httpx.post(url, json=body, headers={"Authorization": "Bearer sekret"})
+        assert ok.status_code == 200
+        assert httpx.get(srv.url + "/health").status_code == 200  # no key needed outside /v1
+
+        kids = srv.children()
+        events: list = []
+
+        def stream():
+            long = {"prompt": "Tell me a long story.", "max_tokens": 400, "ignore_eos": True, "stream": True}
+            try:
+                with httpx.stream("POST", srv.url + "/v1/completions", json=long, timeout=30,
+                                  headers={"Authorization": "Bearer sekret"}) as r:
+                    events.extend(_sse_events(r.iter_lines()))
+            except httpx.HTTPError:
+                events.append("transport error")
+
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        os.kill(kids["skiff-sched-0"], signal.SIGKILL)
+        code = srv.proc.wait(10)
+        assert time.monotonic() - t0 < 5.0
+        assert code != 0
+        t.join(10)
+        assert not any(pid_alive(p) for p in kids.values())
+        assert events and events[-1] == "[DONE]" and "error" in events[-2], events[-3:]
+    finally:
+        srv.stop()
+
+
+def test_sigterm_drains_and_exits_zero():
+    srv = SkiffServer().start()
+    try:
+        kids = srv.children()
+        assert len(kids) == 3
+        events: list = []
+
+        def stream():
+            body = {"prompt": "Tell me a story.", "max_tokens": 40, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+                events.extend(_sse_events(r.iter_lines()))
+
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(0.8)
+        srv.proc.send_signal(signal.SIGTERM)
+        t.join(30)
+        assert srv.proc.wait(30) == 0
+        # The in-flight request was allowed to finish.
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+        assert not any(pid_alive(p) for p in kids.values())
+    finally:
+        srv.stop()
