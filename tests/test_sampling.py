@@ -11,10 +11,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.ipc import GrammarSpec, SamplingParams
 from scheduler_proc.sampling import (
-    PromptLogprobs, Sampler, SamplingBatch, SamplingError, hash_uniform, prompt_logprobs,
+    PromptLogprobs, Sampler, SamplingBatch, SamplingError, hash_uniform, prompt_logprobs, topk,
 )
 
 EOS = 2
@@ -151,6 +153,22 @@ def test_top_p_support_on_full_vocab():
     out = Sampler(V, [EOS]).sample(logits.clone(), build(params, V=V))
     for i, p in enumerate(params):
         assert reference_probs(logits[i], p)[out.token_ids[i]] > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(V=st.integers(2, 3000), temperature=st.floats(0.05, 3.0), top_k=st.integers(-1, 80),
+       top_p=st.floats(0.05, 1.0), min_p=st.floats(0.0, 0.9), seed=st.integers(0, 2**31))
+def test_draws_stay_inside_the_filtered_support(V, temperature, top_k, top_p, min_p, seed):
+    """Whatever the parameters, no draw leaves the set the filters allow (thresholds relaxed
+    by 1e-4 so float32-vs-float64 rounding at a boundary cannot fail the test)."""
+    B = 8
+    logits = torch.randn(B, V, generator=torch.Generator().manual_seed(seed)) * 3
+    p = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    out = Sampler(V, [0]).sample(logits.clone(), build([p] * B, V=V, seed=seed))
+    loose = SamplingParams(temperature=temperature, top_k=top_k, top_p=min(1.0, top_p + 1e-4),
+                           min_p=min_p * (1 - 1e-4))
+    for i in range(B):
+        assert reference_probs(logits[i], loose)[out.token_ids[i]] > 0
 
 
 # ----------------------------------------------------------------------------- greedy
@@ -369,6 +387,21 @@ def test_prompt_logprobs():
     vals, ids = raw.topk(3, dim=-1)
     assert [t.token_ids for t in res.top_logprobs] == ids.tolist()
     assert prompt_logprobs(logits[:, :V], next_ids.tolist(), 0).top_logprobs is None
+
+
+@pytest.mark.parametrize("V,k", [(49152, 1), (49152, 5), (49152, 50), (5000, 7), (6403, 20),
+                                 (300, 40)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_blocked_topk_matches_torch(V, k, ties):
+    g = torch.Generator().manual_seed(V + k)
+    x = torch.randn(6, V, generator=g)
+    if ties:  # few distinct values: many ties at the k-th place
+        x = (x * 2).round()
+    vals, idx = topk(x, k)
+    want_vals, _ = x.topk(k, dim=-1)
+    assert torch.equal(vals, want_vals)
+    assert torch.equal(x.gather(1, idx), vals)
+    assert all(len(set(r)) == k for r in idx.tolist())
 
 
 # ----------------------------------------------------------------------------- masks
