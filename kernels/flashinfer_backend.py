@@ -170,7 +170,7 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
         if pad < 0:
             raise ValueError(f"batch of {B} sequences does not fit graph size {bs}")
         self._page_size = batch.page_size
-        _, kv, last = _host_layout(batch.q_lens_cpu, batch.seq_lens_cpu + [1] * pad, batch.page_size)
+        _, kv, last = _host_layout([1] * bs, batch.seq_lens_cpu + [1] * pad, batch.page_size)
         indices = batch.kv_indices
         if pad:
             indices = torch.cat([indices, torch.zeros(pad, dtype=indices.dtype, device=indices.device)])

@@ -24,8 +24,8 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, seq_lens_ptr,
                          part_o_ptr, part_lse_ptr, sm_scale_log2,
-                         q_stride_t, q_stride_h, kv_stride_slot, kv_stride_h,
-                         NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, NUM_Q_HEADS: tl.constexpr,
+                         q_stride_t, q_stride_h, kv_stride_slot, kv_stride_h, NUM_SPLITS,
+                         GROUP: tl.constexpr, NUM_Q_HEADS: tl.constexpr,
                          HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
@@ -78,8 +78,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, seq
 
 
 @triton.jit
-def _decode_merge_kernel(part_o_ptr, part_lse_ptr, o_ptr, o_stride_t, o_stride_h,
-                         NUM_SPLITS: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _decode_merge_kernel(part_o_ptr, part_lse_ptr, o_ptr, o_stride_t, o_stride_h, NUM_SPLITS,
+                         NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -101,10 +101,12 @@ def _decode_merge_kernel(part_o_ptr, part_lse_ptr, o_ptr, o_stride_t, o_stride_h
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      kv_indptr: torch.Tensor, kv_indices: torch.Tensor, seq_lens: torch.Tensor,
                      page_size: int, sm_scale: float, num_splits: int,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, block_n: int | None = None,
+                     num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """q: [B, Hq, D]; k_cache/v_cache: [num_slots, Hk, D] flat views; returns [B, Hq, D].
 
-    Rows whose seq_len is 0 are not allowed (every decode attends at least to itself)."""
+    Rows whose seq_len is 0 are not allowed (every decode attends at least to itself).
+    block_n / num_warps / num_stages are tuning knobs (defaults measured on H100)."""
     B, Hq, D = q.shape
     Hk = k_cache.shape[1]
     group = Hq // Hk
@@ -116,14 +118,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(D)
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
+    if block_n is None:
+        block_n = 32 if D > 64 else 64
     _decode_split_kernel[(B, Hk, num_splits)](
         q, k_cache, v_cache, kv_indptr, kv_indices, seq_lens, part_o, part_lse, sm_scale * _LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        NUM_SPLITS=num_splits, GROUP=group, NUM_Q_HEADS=Hq, HEAD_DIM=D, PAGE=page_size,
-        BLOCK_H=block_h, BLOCK_N=32 if D > 64 else 64, BLOCK_D=block_d, num_warps=4, num_stages=2)
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), num_splits,
+        GROUP=group, NUM_Q_HEADS=Hq, HEAD_DIM=D, PAGE=page_size,
+        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
     _decode_merge_kernel[(B, Hq)](
-        part_o, part_lse, out, out.stride(0), out.stride(1),
-        NUM_SPLITS=num_splits, NUM_Q_HEADS=Hq, HEAD_DIM=D,
+        part_o, part_lse, out, out.stride(0), out.stride(1), num_splits,
+        NUM_Q_HEADS=Hq, HEAD_DIM=D,
         BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=1 if D <= 64 else 2)
     return out
 

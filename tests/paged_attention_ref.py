@@ -33,9 +33,11 @@ def make_paged_case(q_lens: list[int], prefix_lens: list[int], *, num_q_heads: i
     pages_needed = sum(-(-s // page_size) for s in seq_lens)
     num_pages = pages_needed + spare_pages + 1
     kv = KVCache(num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype, device)
+    # The pool can be large (benchmarks): fill it on its own device.
+    gd = torch.Generator(device=device).manual_seed(seed)
     for layer in range(num_layers):
-        kv.k[layer].copy_(torch.randn(kv.k[layer].shape, generator=g))
-        kv.v[layer].copy_(torch.randn(kv.v[layer].shape, generator=g))
+        kv.k[layer].copy_(torch.randn(kv.k[layer].shape, generator=gd, device=device))
+        kv.v[layer].copy_(torch.randn(kv.v[layer].shape, generator=gd, device=device))
     perm = (torch.randperm(num_pages - 1, generator=g) + 1).tolist()
     kv_indptr, kv_indices, loc, pos, used = [0], [], [], [], 0
     for p, s in zip(prefix_lens, seq_lens):
