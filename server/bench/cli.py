@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import math
@@ -139,6 +140,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
     if not args.request_rate > 0 or args.warmup_requests < 0 or args.timeout <= 0:
         print("error: --request-rate and --timeout must be > 0 and --warmup-requests >= 0", file=sys.stderr)
+        return 2
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print("error: --plot needs matplotlib (pip install matplotlib, or the project's dev extra)", file=sys.stderr)
         return 2
     try:
         extra = json.loads(args.extra_request_body) if args.extra_request_body else None
