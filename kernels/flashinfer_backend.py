@@ -14,6 +14,9 @@
 - CUDA graphs: one decode wrapper per captured batch size in FlashInfer's `use_cuda_graph` mode,
   over fixed indptr / indices / last-page-len buffers. Replay re-plans (host work plus small
   copies into those buffers) before the graph launches.
+- Streams: `prepare` / `replay_metadata` enqueue their copies on the current stream. Call them on
+  the stream that runs the forward (or make that stream wait): the graph buffers they overwrite
+  are read by the previous step's kernels until those finish.
 """
 
 from __future__ import annotations
@@ -87,10 +90,17 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
                                                                    use_tensor_cores=True)
         self._graph_wrappers: dict[int, object] = {}
         self._page_size: Optional[int] = None  # of the last planned batch; graphs reuse it
+        self._staged: Optional[torch.cuda.Event] = None  # after the last plan's host->device copy
 
     # ------------------------------------------------------------------------------ planning
 
     def _plan(self, meta: FlashInferMeta, dtype: torch.dtype) -> None:
+        # plan() fills a pinned host buffer and enqueues its copy to the device on the current
+        # stream. With overlap scheduling the previous plan's copy may still be queued behind the
+        # running step, so wait for it before the pinned buffer is rewritten (in the overlap loop
+        # that wait is already implied by waiting for step k-1, so it costs nothing there).
+        if self._staged is not None:
+            self._staged.synchronize()
         common = dict(q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale)
         if meta.is_decode:
             kv_indptr, kv_indices, last = meta.plan_args
@@ -102,6 +112,9 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
                               self.head_dim, self._page_size, causal=True, **common)
         meta.planned = True
         self.dtype = dtype
+        if self._staged is None:
+            self._staged = torch.cuda.Event()
+        self._staged.record()
 
     def prepare(self, batch: AttentionBatch) -> FlashInferMeta:
         self._page_size = batch.page_size

@@ -6,7 +6,9 @@ a multi-token sequence (prefill with cached prefix, mixed) uses the causal exten
 
 CUDA graphs: the decode kernels read their metadata (kv_indptr, kv_indices, seq_lens) from
 device tensors and their grid depends only on the batch size, so replay just copies a padded
-batch into fixed buffers; padding rows are one-token sequences on the reserved page 0.
+batch into fixed buffers; padding rows are one-token sequences on the reserved page 0. Those
+copies go to the current stream: call `replay_metadata` on the stream that replays the graph (the
+previous replay reads the same buffers until it finishes).
 """
 
 from __future__ import annotations
