@@ -108,17 +108,17 @@ def test_greedy_chat_equals_in_process_engine(client, model, engine):
     from server.ipc import SamplingParams
 
     for question in (QUESTION, "Write a haiku about the sea."):
-        res = client.chat.completions.create(model=model, messages=_chat(question), temperature=0, max_tokens=24)
+        res = client.chat.completions.create(model=model, messages=_chat(question), temperature=0, max_tokens=16)
         ids = engine.tokenizer.apply_chat_template(_chat(question), add_generation_prompt=True)
         ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
-        ref = engine.generate([ids], SamplingParams(max_new_tokens=24, temperature=0.0))[0]
+        ref = engine.generate([ids], SamplingParams(max_new_tokens=16, temperature=0.0))[0]
         ref_text = engine.tokenizer.decode(ref.output_ids, skip_special_tokens=True)
         assert res.choices[0].message.content == ref_text
         assert res.usage.prompt_tokens == len(ids)
         assert res.usage.completion_tokens == len(ref.output_ids)
         assert res.choices[0].finish_reason == ref.finish_reason
-    assert "Paris" in client.chat.completions.create(model=model, messages=_chat(QUESTION), temperature=0,
-                                                     max_tokens=24).choices[0].message.content
+        if question == QUESTION:
+            assert "Paris" in res.choices[0].message.content
 
 
 def test_chat_nonstreaming_shape(client, model):
@@ -439,8 +439,8 @@ def test_api_key_and_scheduler_death():
 def test_sigterm_drains_and_exits_zero():
     srv = SkiffServer().start()
     try:
-        kids = srv.children()
-        assert len(kids) == 3
+        kids = srv.children()  # also multiprocessing's resource tracker
+        assert {"skiff-tokenizer", "skiff-detok", "skiff-sched-0"} <= set(kids)
         events: list = []
 
         def stream():

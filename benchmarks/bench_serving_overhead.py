@@ -1,0 +1,160 @@
+"""What the serving layer (HTTP + API/tokenizer/scheduler/detokenizer processes + ZMQ) adds.
+
+    .venv/bin/python benchmarks/bench_serving_overhead.py [--iters 200] [--streams 256] [--tokens 200]
+
+1. Latency of a 1-token request (16-token prompt, greedy, max_tokens=1): the in-process Engine
+   (add_request + step until finished) versus POST /v1/completions through the real server on a
+   kept-alive connection. The difference of the medians is the serving overhead.
+2. Streamed tokens/s the API, IPC and detokenizer path carries: N concurrent SSE streams of
+   --tokens tokens each (ignore_eos), counted from each stream's final usage chunk.
+Both use the tiny dummy model (configs/tiny-llama.json, float32) so the model is not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PROMPT = [random.Random(0).randrange(100, 40000) for _ in range(16)]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def engine_latency(model: str, iters: int) -> list[float]:
+    from scheduler_proc.engine import Engine
+    from server.config import ServerConfig
+    from server.ipc import SamplingParams, TokenizedRequest
+
+    eng = Engine(ServerConfig(model=model, load_format="dummy", dtype="float32", device="cpu"))
+    params = SamplingParams(max_new_tokens=1, temperature=0.0)
+    times = []
+    for i in range(iters + 10):
+        t0 = time.perf_counter()
+        eng.add_request(TokenizedRequest(rid=f"r{i}", input_ids=PROMPT, params=params))
+        done = False
+        while not done:
+            done = any(o.rid == f"r{i}" and o.finish_reason for o in eng.step())
+        if i >= 10:  # warm-up
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def start_server(model: str) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", model, "--load-format", "dummy",
+                             "--dtype", "float32", "--device", "cpu", "--port", str(port), "--log-level", "warning"],
+                            cwd=REPO, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise SystemExit("server did not start")
+
+
+def http_latency(url: str, model_name: str, iters: int) -> list[float]:
+    body = {"model": model_name, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
+    times = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for i in range(iters + 10):
+            t0 = time.perf_counter()
+            r = client.post("/v1/completions", json=body)
+            dt = time.perf_counter() - t0
+            if r.status_code != 200:
+                raise SystemExit(r.text)
+            if i >= 10:
+                times.append(dt)
+    return times
+
+
+async def stream_throughput(url: str, model_name: str, streams: int, tokens: int) -> dict:
+    limits = httpx.Limits(max_connections=streams + 8, max_keepalive_connections=streams + 8)
+    rng = random.Random(1)
+
+    async def one(client: httpx.AsyncClient) -> tuple[int, int, float]:
+        body = {"model": model_name, "prompt": [rng.randrange(100, 40000) for _ in range(16)], "max_tokens": tokens,
+                "ignore_eos": True, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        chunks, last, t0, ttft = 0, "", time.perf_counter(), 0.0
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    if not chunks:
+                        ttft = time.perf_counter() - t0
+                    chunks += 1
+                    if line != "data: [DONE]":
+                        last = line
+        return json.loads(last[6:])["usage"]["completion_tokens"], chunks, ttft
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await one(client)  # warm-up
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one(client) for _ in range(streams)))
+        wall = time.perf_counter() - t0
+    total = sum(r[0] for r in results)
+    chunks = sum(r[1] for r in results)
+    return {"wall_s": wall, "tokens": total, "tok_per_s": total / wall, "chunks": chunks,
+            "tokens_per_chunk": total / chunks, "ttft_p50_s": pct([r[2] for r in results], 0.5)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(REPO / "configs" / "tiny-llama.json"))
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--streams", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=200)
+    args = ap.parse_args()
+
+    eng = engine_latency(args.model, args.iters)
+    proc, url = start_server(args.model)
+    try:
+        model_name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        http = http_latency(url, model_name, args.iters)
+        try:
+            import uvloop
+            uvloop.install()
+        except ImportError:
+            pass
+        tput = asyncio.run(stream_throughput(url, model_name, args.streams, args.tokens))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+    e50, h50 = statistics.median(eng), statistics.median(http)
+    print(f"1-token request latency over {args.iters} requests (ms):")
+    print(f"  in-process engine   p50 {e50 * 1e3:7.2f}   p90 {pct(eng, 0.9) * 1e3:7.2f}")
+    print(f"  HTTP + 4 processes  p50 {h50 * 1e3:7.2f}   p90 {pct(http, 0.9) * 1e3:7.2f}")
+    print(f"  added by serving    p50 {(h50 - e50) * 1e3:7.2f}")
+    print(f"{args.streams} concurrent streams x {args.tokens} tokens: {tput['tokens']} tokens in {tput['wall_s']:.2f} s"
+          f" = {tput['tok_per_s']:,.0f} tokens/s ({tput['chunks']} SSE chunks, "
+          f"{tput['tokens_per_chunk']:.2f} tokens/chunk, TTFT p50 {tput['ttft_p50_s'] * 1e3:.0f} ms)")
+    print(f"cpu: {os.cpu_count()} cores")
+
+
+if __name__ == "__main__":
+    main()
