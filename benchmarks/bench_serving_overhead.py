@@ -7,7 +7,11 @@
    kept-alive connection. The difference of the medians is the serving overhead.
 2. Streamed tokens/s the API, IPC and detokenizer path carries: N concurrent SSE streams of
    --tokens tokens each (ignore_eos), counted from each stream's final usage chunk.
-Both use the tiny dummy model (configs/tiny-llama.json, float32) so the model is not the bottleneck.
+Both use the tiny dummy model (configs/tiny-llama.json, float32) so the model is not the bottleneck;
+`--vocab-size N` runs a copy of it with a smaller vocabulary (its LM head and sampling over 49152
+logits per row dominate a 256-row CPU step). The same stream workload is also run on the
+in-process Engine, so the serving path's share is visible. The server runs first and is stopped
+before the in-process runs, so the two never compete for the CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +35,9 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-PROMPT = [random.Random(0).randrange(100, 40000) for _ in range(16)]
+def make_prompt(vocab: int) -> list[int]:
+    rng = random.Random(0)
+    return [rng.randrange(100, vocab) for _ in range(16)]
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -38,23 +45,41 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def engine_latency(model: str, iters: int) -> list[float]:
+def _engine(model: str):
     from scheduler_proc.engine import Engine
     from server.config import ServerConfig
+
+    return Engine(ServerConfig(model=model, load_format="dummy", dtype="float32", device="cpu"))
+
+
+def engine_latency(eng, iters: int, prompt: list[int]) -> list[float]:
     from server.ipc import SamplingParams, TokenizedRequest
 
-    eng = Engine(ServerConfig(model=model, load_format="dummy", dtype="float32", device="cpu"))
     params = SamplingParams(max_new_tokens=1, temperature=0.0)
     times = []
     for i in range(iters + 10):
         t0 = time.perf_counter()
-        eng.add_request(TokenizedRequest(rid=f"r{i}", input_ids=PROMPT, params=params))
+        eng.add_request(TokenizedRequest(rid=f"r{i}", input_ids=prompt, params=params))
         done = False
         while not done:
             done = any(o.rid == f"r{i}" and o.finish_reason for o in eng.step())
         if i >= 10:  # warm-up
             times.append(time.perf_counter() - t0)
     return times
+
+
+def engine_throughput(eng, streams: int, tokens: int, vocab: int) -> float:
+    from server.ipc import SamplingParams, TokenizedRequest
+
+    rng = random.Random(1)
+    params = SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
+    for i in range(streams):
+        eng.add_request(TokenizedRequest(rid=f"t{i}", input_ids=[rng.randrange(100, vocab) for _ in range(16)],
+                                         params=params))
+    t0, total = time.perf_counter(), 0
+    while eng.has_work():
+        total += sum(len(o.token_ids) for o in eng.step())
+    return total / (time.perf_counter() - t0)
 
 
 def start_server(model: str) -> tuple[subprocess.Popen, str]:
@@ -78,8 +103,8 @@ def start_server(model: str) -> tuple[subprocess.Popen, str]:
     raise SystemExit("server did not start")
 
 
-def http_latency(url: str, model_name: str, iters: int) -> list[float]:
-    body = {"model": model_name, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
+def http_latency(url: str, model_name: str, iters: int, prompt: list[int]) -> list[float]:
+    body = {"model": model_name, "prompt": prompt, "max_tokens": 1, "temperature": 0}
     times = []
     with httpx.Client(base_url=url, timeout=60) as client:
         for i in range(iters + 10):
@@ -93,12 +118,12 @@ def http_latency(url: str, model_name: str, iters: int) -> list[float]:
     return times
 
 
-async def stream_throughput(url: str, model_name: str, streams: int, tokens: int) -> dict:
+async def stream_throughput(url: str, model_name: str, streams: int, tokens: int, vocab: int) -> dict:
     limits = httpx.Limits(max_connections=streams + 8, max_keepalive_connections=streams + 8)
     rng = random.Random(1)
 
     async def one(client: httpx.AsyncClient) -> tuple[int, int, float]:
-        body = {"model": model_name, "prompt": [rng.randrange(100, 40000) for _ in range(16)], "max_tokens": tokens,
+        body = {"model": model_name, "prompt": [rng.randrange(100, vocab) for _ in range(16)], "max_tokens": tokens,
                 "ignore_eos": True, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
         chunks, last, t0, ttft = 0, "", time.perf_counter(), 0.0
         async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -124,36 +149,49 @@ async def stream_throughput(url: str, model_name: str, streams: int, tokens: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(REPO / "configs" / "tiny-llama.json"))
+    ap.add_argument("--model", default=str(REPO / "configs" / "tiny-llama.json"), help="dummy model config")
+    ap.add_argument("--vocab-size", type=int, default=None, help="run a copy of the config with this vocabulary")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--streams", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=200)
     args = ap.parse_args()
 
-    eng = engine_latency(args.model, args.iters)
-    proc, url = start_server(args.model)
+    model = args.model
+    config = json.loads(Path(model).read_text())
+    if args.vocab_size:
+        config["vocab_size"] = args.vocab_size
+        model = os.path.join(tempfile.mkdtemp(prefix="skiff-bench-"), "config.json")
+        Path(model).write_text(json.dumps(config))
+    vocab = min(config["vocab_size"], 40000)
+
+    proc, url = start_server(model)
     try:
         model_name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        http = http_latency(url, model_name, args.iters)
+        http = http_latency(url, model_name, args.iters, make_prompt(vocab))
         try:
             import uvloop
             uvloop.install()
         except ImportError:
             pass
-        tput = asyncio.run(stream_throughput(url, model_name, args.streams, args.tokens))
+        tput = asyncio.run(stream_throughput(url, model_name, args.streams, args.tokens, vocab))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+    eng = _engine(model)
+    local = engine_latency(eng, args.iters, make_prompt(vocab))
+    local_tput = engine_throughput(eng, args.streams, args.tokens, vocab)
 
-    e50, h50 = statistics.median(eng), statistics.median(http)
+    e50, h50 = statistics.median(local), statistics.median(http)
+    print(f"model: {args.model} (vocab {config['vocab_size']}), {os.cpu_count()} CPU cores")
     print(f"1-token request latency over {args.iters} requests (ms):")
-    print(f"  in-process engine   p50 {e50 * 1e3:7.2f}   p90 {pct(eng, 0.9) * 1e3:7.2f}")
+    print(f"  in-process engine   p50 {e50 * 1e3:7.2f}   p90 {pct(local, 0.9) * 1e3:7.2f}")
     print(f"  HTTP + 4 processes  p50 {h50 * 1e3:7.2f}   p90 {pct(http, 0.9) * 1e3:7.2f}")
     print(f"  added by serving    p50 {(h50 - e50) * 1e3:7.2f}")
-    print(f"{args.streams} concurrent streams x {args.tokens} tokens: {tput['tokens']} tokens in {tput['wall_s']:.2f} s"
-          f" = {tput['tok_per_s']:,.0f} tokens/s ({tput['chunks']} SSE chunks, "
-          f"{tput['tokens_per_chunk']:.2f} tokens/chunk, TTFT p50 {tput['ttft_p50_s'] * 1e3:.0f} ms)")
-    print(f"cpu: {os.cpu_count()} cores")
+    print(f"{args.streams} concurrent streams x {args.tokens} tokens:")
+    print(f"  through the server  {tput['tok_per_s']:9,.0f} tokens/s ({tput['tokens']} tokens in {tput['wall_s']:.2f} s, "
+          f"{tput['chunks']} SSE chunks, {tput['tokens_per_chunk']:.2f} tokens/chunk, "
+          f"TTFT p50 {tput['ttft_p50_s'] * 1e3:.0f} ms)")
+    print(f"  in-process engine   {local_tput:9,.0f} tokens/s (same requests, no serving layer)")
 
 
 if __name__ == "__main__":

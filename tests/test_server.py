@@ -459,3 +459,24 @@ def test_sigterm_drains_and_exits_zero():
         assert not any(pid_alive(p) for p in kids.values())
     finally:
         srv.stop()
+
+
+def test_tensor_parallel_two_ranks():
+    """tp_size 2: two scheduler processes (gloo on CPU), rank 0 broadcasting what it receives."""
+    srv = SkiffServer("--tp", "2", "--model", "configs/tiny-llama.json", "--load-format", "dummy").start()
+    try:
+        kids = srv.children()
+        assert {"skiff-sched-0", "skiff-sched-1"} <= set(kids)
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        prompt = list(range(300, 316))
+        res = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert res.usage.completion_tokens == 8
+        chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
+                                                stream=True, extra_body={"ignore_eos": True}))
+        assert "".join(c.choices[0].text for c in chunks) == res.choices[0].text
+        assert srv.stop() == 0
+        assert not any(pid_alive(p) for p in kids.values())
+    finally:
+        srv.stop()
