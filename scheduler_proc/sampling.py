@@ -47,7 +47,7 @@ from server.ipc import SamplingParams, TopLogprobs
 
 __all__ = [
     "SamplingError", "SamplingBatch", "SampleOutput", "HostSampleOutput", "PromptLogprobs",
-    "Sampler", "prompt_logprobs",
+    "Sampler", "prompt_logprobs", "topk", "hash_uniform",
 ]
 
 class SamplingError(ValueError):
