@@ -78,6 +78,26 @@ async def _or_disconnect(aw: Awaitable[T], request: Request) -> T:
                 t.cancel()
 
 
+class _ApiKeyMiddleware:
+    """401 for /v1 requests without 'Authorization: Bearer <key>'. A plain ASGI middleware: the
+    decorator kind (BaseHTTPMiddleware) would pipe every streamed chunk through an extra queue."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            token = header[7:] if header[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.expected):
+                response = _error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                           code="invalid_api_key")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class _Choice:
     """Accumulates one choice's outputs."""
 
@@ -156,15 +176,8 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
     async def _engine_dead(request: Request, e: EngineDead):
         return _error_response(503, f"the server is shutting down: {e}", "service_unavailable")
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            token = header[7:] if header[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(token.encode(), config.api_key.encode()):
-                return _error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                                       code="invalid_api_key")
-        return await call_next(request)
+    if config.api_key:
+        app.add_middleware(_ApiKeyMiddleware, api_key=config.api_key)
 
     def _client(request: Request) -> EngineClient:
         return request.app.state.client

@@ -169,7 +169,7 @@ class Supervisor:
             # graceful stop; these no-op handlers absorb that so a requested stop exits 0.
             signal.signal(signal.SIGTERM, lambda s, f: None)
             signal.signal(signal.SIGINT, lambda s, f: None)
-            asyncio.run(self._serve(info))
+            self._serve(info)
         except _StopRequested:
             logger.info("stopped during startup")
         except StartupError as e:
@@ -180,7 +180,7 @@ class Supervisor:
             shutil.rmtree(self.ipc_dir, ignore_errors=True)
         return self.exit_code
 
-    async def _serve(self, info: ModelInfo) -> None:
+    def _serve(self, info: ModelInfo) -> None:
         from server.app import create_app
 
         cfg = self.config
@@ -200,7 +200,8 @@ class Supervisor:
                                    log_level=cfg.log_level, access_log=False, lifespan="on",
                                    timeout_graceful_shutdown=cfg.graceful_shutdown_timeout + 3.0)
         server = _HttpServer(uv_config, cfg.graceful_shutdown_timeout, on_ready, on_grace_over)
-        loop = asyncio.get_running_loop()
+        # uvicorn's loop choice (uvloop) applies to the loop we create here, not to asyncio.run's.
+        loop = (uv_config.get_loop_factory() or asyncio.new_event_loop)()
 
         def on_child_exit(child: _Child) -> None:
             loop.remove_reader(child.proc.sentinel)
@@ -216,12 +217,17 @@ class Supervisor:
 
         for child in self.children:
             loop.add_reader(child.proc.sentinel, on_child_exit, child)
+        asyncio.set_event_loop(loop)
         try:
-            await server.serve()
+            loop.run_until_complete(server.serve())
         finally:
+            self.stopping = True
             for child in self.children:
                 loop.remove_reader(child.proc.sentinel)
-            self.stopping = True
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.close()
         if not server.started and self.exit_code == 0:
             self.exit_code = 1  # e.g. the port was taken
 
