@@ -1,10 +1,11 @@
 """FlashInfer attention over the shared paged KV layout (NHD pages, see `kernels/base.py`).
 
-- Pure decode batches run `BatchDecodeWithPagedKVCacheWrapper` with tensor cores (GQA groups of
-  4-8 query heads per kv head make the tensor-core path the fast one); everything else (prefill
-  with a cached prefix, mixed prefill + decode) runs `BatchPrefillWithPagedKVCacheWrapper` with a
-  causal mask, which FlashInfer aligns to the end of each sequence's KV (query j of a sequence
-  with prefix p sits at position p + j), exactly our contract.
+- Decode sequences run `BatchDecodeWithPagedKVCacheWrapper` with tensor cores (GQA groups of
+  4-8 query heads per kv head make the tensor-core path the fast one); prefill sequences (with or
+  without a cached prefix) run `BatchPrefillWithPagedKVCacheWrapper` with a causal mask, which
+  FlashInfer aligns to the end of each sequence's KV (query j of a sequence with prefix p sits at
+  position p + j), exactly our contract. A mixed batch is split into both (`kernels/mixed_split.py`
+  says why), each wrapper planned once per step.
 - `prepare` plans once per step from host-side lengths (no device sync); every layer reuses the
   plan. One float workspace is allocated once and shared by all wrappers: only one of them runs
   at a time on the stream.
@@ -27,6 +28,7 @@ from typing import Optional
 import torch
 
 from kernels.base import AttentionBatch, BaseAttentionBackend, KVCache
+from kernels.mixed_split import split_mixed
 from kernels.triton_ops import store_kv
 
 DEFAULT_WORKSPACE_BYTES = 256 << 20
@@ -45,14 +47,23 @@ def _import_flashinfer():
 
 
 @dataclass
-class FlashInferMeta:
-    """One step's plan. `wrapper` is planned once (in prepare, or at layer 0 when the backend was
-    built without a dtype) and run by every layer."""
+class _Part:
+    """One planned wrapper and the token rows it covers (None: every row, in order)."""
 
     wrapper: object
     is_decode: bool
-    out_cache_loc: torch.Tensor
     plan_args: tuple
+    rows: Optional[torch.Tensor] = None
+
+
+@dataclass
+class FlashInferMeta:
+    """One step's plan: a single part, or a decode part plus an extend part for mixed batches.
+    Planned once (in prepare, or at layer 0 when the backend was built without a dtype) and run
+    by every layer."""
+
+    parts: list[_Part]
+    out_cache_loc: torch.Tensor
     planned: bool = False
 
 
@@ -74,7 +85,8 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
 
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: Optional[float] = None,
                  *, device: torch.device | str = "cuda", dtype: Optional[torch.dtype] = None,
-                 workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, prefill_backend: str = "auto"):
+                 workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, prefill_backend: str = "auto",
+                 split_mixed: bool = True):
         super().__init__(num_q_heads, num_kv_heads, head_dim, scale)
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} kv heads")
@@ -83,6 +95,7 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
         if self.device.type != "cuda":
             raise FlashInferUnavailableError(f"FlashInfer needs a CUDA device, got {self.device}")
         self.dtype = dtype
+        self.split_mixed = split_mixed
         self._workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=self.device)
         self._prefill = self._fi.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD",
                                                                      backend=prefill_backend)
@@ -90,39 +103,53 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
                                                                    use_tensor_cores=True)
         self._graph_wrappers: dict[int, object] = {}
         self._page_size: Optional[int] = None  # of the last planned batch; graphs reuse it
-        self._staged: Optional[torch.cuda.Event] = None  # after the last plan's host->device copy
+        # per wrapper: an event after its last plan's host->device copy
+        self._staged: dict[int, torch.cuda.Event] = {}
 
     # ------------------------------------------------------------------------------ planning
 
     def _plan(self, meta: FlashInferMeta, dtype: torch.dtype) -> None:
-        # plan() fills a pinned host buffer and enqueues its copy to the device on the current
-        # stream. With overlap scheduling the previous plan's copy may still be queued behind the
-        # running step, so wait for it before the pinned buffer is rewritten (in the overlap loop
-        # that wait is already implied by waiting for step k-1, so it costs nothing there).
-        if self._staged is not None:
-            self._staged.synchronize()
         common = dict(q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale)
-        if meta.is_decode:
-            kv_indptr, kv_indices, last = meta.plan_args
-            meta.wrapper.plan(kv_indptr, kv_indices, last, self.num_q_heads, self.num_kv_heads,
-                              self.head_dim, self._page_size, **common)
-        else:
-            qo_indptr, kv_indptr, kv_indices, last = meta.plan_args
-            meta.wrapper.plan(qo_indptr, kv_indptr, kv_indices, last, self.num_q_heads, self.num_kv_heads,
-                              self.head_dim, self._page_size, causal=True, **common)
+        for part in meta.parts:
+            # plan() fills the wrapper's pinned host buffer and enqueues its copy to the device on
+            # the current stream. With overlap scheduling the previous plan's copy may still be
+            # queued behind the running step, so wait for it before the buffer is rewritten (the
+            # overlap loop already waits for step k-1, so this costs nothing there).
+            staged = self._staged.get(id(part.wrapper))
+            if staged is not None:
+                staged.synchronize()
+            if part.is_decode:
+                kv_indptr, kv_indices, last = part.plan_args
+                part.wrapper.plan(kv_indptr, kv_indices, last, self.num_q_heads, self.num_kv_heads,
+                                  self.head_dim, self._page_size, **common)
+            else:
+                qo_indptr, kv_indptr, kv_indices, last = part.plan_args
+                part.wrapper.plan(qo_indptr, kv_indptr, kv_indices, last, self.num_q_heads, self.num_kv_heads,
+                                  self.head_dim, self._page_size, causal=True, **common)
+            if staged is None:
+                staged = self._staged[id(part.wrapper)] = torch.cuda.Event()
+            staged.record()
         meta.planned = True
         self.dtype = dtype
-        if self._staged is None:
-            self._staged = torch.cuda.Event()
-        self._staged.record()
 
     def prepare(self, batch: AttentionBatch) -> FlashInferMeta:
         self._page_size = batch.page_size
-        qo, kv, last = _host_layout(batch.q_lens_cpu, batch.seq_lens_cpu, batch.page_size)
+        split = (split_mixed(batch.q_lens_cpu, batch.seq_lens_cpu, batch.page_size, batch.kv_indices.device)
+                 if self.split_mixed else None)
         if batch.is_decode:
-            meta = FlashInferMeta(self._decode, True, batch.out_cache_loc, (kv, batch.kv_indices, last))
+            _, kv, last = _host_layout(batch.q_lens_cpu, batch.seq_lens_cpu, batch.page_size)
+            parts = [_Part(self._decode, True, (kv, batch.kv_indices, last))]
+        elif split is None:
+            qo, kv, last = _host_layout(batch.q_lens_cpu, batch.seq_lens_cpu, batch.page_size)
+            parts = [_Part(self._prefill, False, (qo, kv, batch.kv_indices, last))]
         else:
-            meta = FlashInferMeta(self._prefill, False, batch.out_cache_loc, (qo, kv, batch.kv_indices, last))
+            dec, ext = split
+            dec_pages = batch.kv_indices[dec.page_idx]
+            ext_pages = batch.kv_indices[ext.page_idx]
+            parts = [_Part(self._decode, True, (dec.kv_indptr, dec_pages, dec.last_page_len), dec.rows),
+                     _Part(self._prefill, False, (ext.qo_indptr, ext.kv_indptr, ext_pages, ext.last_page_len),
+                           ext.rows)]
+        meta = FlashInferMeta(parts, batch.out_cache_loc)
         if self.dtype is not None:
             self._plan(meta, self.dtype)
         return meta
@@ -133,7 +160,13 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
             self._plan(meta, q.dtype)
         kf, vf = kv_cache.flat(layer)
         store_kv(kf, vf, meta.out_cache_loc, k, v)
-        return meta.wrapper.run(q.contiguous(), (kv_cache.k[layer], kv_cache.v[layer]))
+        paged = (kv_cache.k[layer], kv_cache.v[layer])
+        if len(meta.parts) == 1:
+            return meta.parts[0].wrapper.run(q.contiguous(), paged)
+        out = torch.empty_like(q)
+        for part in meta.parts:
+            out.index_copy_(0, part.rows, part.wrapper.run(q.index_select(0, part.rows), paged))
+        return out
 
     # ---------------------------------------------------------------------------- CUDA graphs
 
@@ -170,9 +203,9 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
         if bs > self._g_max_bs:
             raise ValueError(f"batch size {bs} exceeds the captured maximum {self._g_max_bs}")
         indptr = torch.arange(bs + 1, dtype=torch.int32)
-        meta = FlashInferMeta(self._graph_wrapper(bs), True, self._g_loc[:bs],
-                              (indptr, torch.zeros(bs, dtype=torch.int32, device=self.device),
-                               torch.ones(bs, dtype=torch.int32)))
+        meta = FlashInferMeta([_Part(self._graph_wrapper(bs), True,
+                                     (indptr, torch.zeros(bs, dtype=torch.int32, device=self.device),
+                                      torch.ones(bs, dtype=torch.int32)))], self._g_loc[:bs])
         self._plan(meta, self._check_graph_dtype())
         return meta
 
@@ -192,6 +225,6 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
         self._g_loc[:B].copy_(batch.out_cache_loc, non_blocking=True)
         if pad:
             self._g_loc[B:bs].zero_()
-        meta = FlashInferMeta(self._graph_wrapper(bs), True, self._g_loc[:bs], (kv, indices, last))
+        meta = FlashInferMeta([_Part(self._graph_wrapper(bs), True, (kv, indices, last))], self._g_loc[:bs])
         self._plan(meta, self._check_graph_dtype())
         return meta

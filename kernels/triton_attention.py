@@ -105,6 +105,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """q: [B, Hq, D]; k_cache/v_cache: [num_slots, Hk, D] flat views; returns [B, Hq, D].
 
+    Only kv_indptr[b] (the first page of row b's pages in kv_indices) is read, so a gathered
+    [B] tensor of starts works as well as a full [B+1] indptr.
     Rows whose seq_len is 0 are not allowed (every decode attends at least to itself).
     block_n / num_warps / num_stages are tuning knobs (defaults measured on H100)."""
     B, Hq, D = q.shape
@@ -137,13 +139,16 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, o_ptr, qo_indptr_ptr, kv_indptr_ptr, kv_
                    seq_lens_ptr, sm_scale_log2,
                    q_stride_t, q_stride_h, o_stride_t, o_stride_h, kv_stride_slot, kv_stride_h,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   SKIP_DECODE: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     mblk = tl.program_id(2)
     q_start = tl.load(qo_indptr_ptr + b)
     q_len = tl.load(qo_indptr_ptr + b + 1) - q_start
     if mblk * BLOCK_M >= q_len:
+        return
+    if SKIP_DECODE and q_len == 1:  # the decode kernel handles these rows
         return
     seq_len = tl.load(seq_lens_ptr + b)
     prefix = seq_len - q_len
@@ -193,10 +198,12 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, o_ptr, qo_indptr_ptr, kv_indptr_ptr, kv_
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                      seq_lens: torch.Tensor, max_q_len: int, page_size: int, sm_scale: float,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, skip_decode: bool = False) -> torch.Tensor:
     """q: [T, Hq, D] (sequences' new tokens back to back); returns [T, Hq, D].
 
-    The new tokens' K/V must already be in the pool (the backend stores them first)."""
+    The new tokens' K/V must already be in the pool (the backend stores them first). With
+    `skip_decode`, rows of one-token sequences are left untouched in `out` (the caller runs them
+    through `decode_attention`)."""
     T, Hq, D = q.shape
     Hk = k_cache.shape[1]
     if out is None:
@@ -212,5 +219,5 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, out, qo_indptr, kv_indptr, kv_indices, seq_lens, sm_scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         GROUP=Hq // Hk, HEAD_DIM=D, PAGE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=4, num_stages=2)
+        SKIP_DECODE=skip_decode, num_warps=4, num_stages=2)
     return out

@@ -1,8 +1,9 @@
 """Attention backend on our own Triton kernels (`kernels/triton_attention.py`).
 
 The fallback where FlashInfer is missing, and a second independent implementation the tests
-hold FlashInfer and torch against. Decode batches use the split-KV decode kernel; any batch with
-a multi-token sequence (prefill with cached prefix, mixed) uses the causal extend kernel.
+hold FlashInfer and torch against. One-token (decode) sequences use the split-KV decode kernel,
+the others (prefill with or without cached prefix) the causal extend kernel; a mixed batch runs
+both, each on its own rows.
 
 CUDA graphs: the decode kernels read their metadata (kv_indptr, kv_indices, seq_lens) from
 device tensors and their grid depends only on the batch size, so replay just copies a padded
@@ -19,6 +20,7 @@ from typing import Optional
 import torch
 
 from kernels.base import AttentionBatch, BaseAttentionBackend, KVCache
+from kernels.mixed_split import split_mixed
 from kernels.triton_attention import decode_attention, extend_attention
 from kernels.triton_ops import store_kv
 
@@ -26,8 +28,19 @@ MAX_DECODE_SPLITS = 64
 
 
 @dataclass
+class _DecodeRows:
+    """The one-token sequences of a mixed batch: their rows, KV page starts and lengths."""
+
+    rows: torch.Tensor
+    kv_start: torch.Tensor
+    seq_lens: torch.Tensor
+    num_splits: int
+
+
+@dataclass
 class TritonMeta:
-    """Device metadata for one step (views of graph buffers when captured)."""
+    """Device metadata for one step (views of graph buffers when captured). For a mixed batch,
+    `decode_rows` routes its one-token sequences to the decode kernel (see kernels/mixed_split.py)."""
 
     is_decode: bool
     qo_indptr: torch.Tensor
@@ -37,6 +50,7 @@ class TritonMeta:
     out_cache_loc: torch.Tensor
     max_q_len: int
     num_splits: int
+    decode_rows: Optional[_DecodeRows] = None
 
 
 class TritonAttentionBackend(BaseAttentionBackend):
@@ -45,8 +59,10 @@ class TritonAttentionBackend(BaseAttentionBackend):
     supports_cuda_graph = True
 
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: Optional[float] = None,
-                 *, device: torch.device | str = "cuda", dtype: Optional[torch.dtype] = None):
+                 *, device: torch.device | str = "cuda", dtype: Optional[torch.dtype] = None,
+                 split_mixed: bool = True):
         super().__init__(num_q_heads, num_kv_heads, head_dim, scale)
+        self.split_mixed = split_mixed
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} kv heads")
         self.device = torch.device(device)
@@ -68,8 +84,16 @@ class TritonAttentionBackend(BaseAttentionBackend):
 
     def prepare(self, batch: AttentionBatch) -> TritonMeta:
         self._page_size = batch.page_size
-        return TritonMeta(batch.is_decode, batch.qo_indptr, batch.kv_indptr, batch.kv_indices, batch.seq_lens,
+        meta = TritonMeta(batch.is_decode, batch.qo_indptr, batch.kv_indptr, batch.kv_indices, batch.seq_lens,
                           batch.out_cache_loc, max(batch.q_lens_cpu, default=0), self.num_splits(batch.num_seqs))
+        split = (split_mixed(batch.q_lens_cpu, batch.seq_lens_cpu, batch.page_size, batch.kv_indptr.device)
+                 if self.split_mixed else None)
+        if split is not None:
+            dec, ext = split
+            meta.decode_rows = _DecodeRows(dec.rows, batch.kv_indptr[dec.seq_ids], batch.seq_lens[dec.seq_ids],
+                                           self.num_splits(len(dec.q_lens)))
+            meta.max_q_len = max(ext.q_lens)
+        return meta
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
                 kv_cache: KVCache, meta: TritonMeta) -> torch.Tensor:
@@ -78,8 +102,14 @@ class TritonAttentionBackend(BaseAttentionBackend):
         if meta.is_decode:
             return decode_attention(q, kf, vf, meta.kv_indptr, meta.kv_indices, meta.seq_lens,
                                     kv_cache.page_size, self.scale, meta.num_splits)
-        return extend_attention(q, kf, vf, meta.qo_indptr, meta.kv_indptr, meta.kv_indices, meta.seq_lens,
-                                meta.max_q_len, kv_cache.page_size, self.scale)
+        dr = meta.decode_rows
+        out = extend_attention(q, kf, vf, meta.qo_indptr, meta.kv_indptr, meta.kv_indices, meta.seq_lens,
+                               meta.max_q_len, kv_cache.page_size, self.scale, skip_decode=dr is not None)
+        if dr is not None:
+            out.index_copy_(0, dr.rows, decode_attention(q.index_select(0, dr.rows), kf, vf, dr.kv_start,
+                                                         meta.kv_indices, dr.seq_lens, kv_cache.page_size,
+                                                         self.scale, dr.num_splits))
+        return out
 
     # ---------------------------------------------------------------------------- CUDA graphs
 

@@ -21,11 +21,12 @@ BACKENDS = ["torch", "triton", "flashinfer"]
 HEADS = [(32, 8, 128), (9, 3, 64)]
 
 
-def make_backend(name: str, hq: int, hk: int, d: int, dtype=None):
+def make_backend(name: str, hq: int, hk: int, d: int, dtype=None, **kw):
     if name == "flashinfer" and not HAVE_FLASHINFER:
         pytest.skip("flashinfer not installed")
     from kernels import create_attention_backend
-    kw = {"dtype": dtype} if name != "torch" and dtype is not None else {}
+    if name != "torch" and dtype is not None:
+        kw["dtype"] = dtype
     return create_attention_backend(name, hq, hk, d, device="cuda", **kw)
 
 
@@ -77,6 +78,20 @@ def test_plan_once_reused_across_layers(name):
     for layer in range(3):
         out = be.forward(case.q, case.k, case.v, layer, case.kv_cache, meta)
         torch.testing.assert_close(out.float().cpu(), refs[layer], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["triton", "flashinfer"])
+@pytest.mark.parametrize("split", [True, False])
+def test_mixed_batch_split_and_unsplit(name, split):
+    """Mixed batches run split (decode kernel + prefill kernel) or through the prefill kernel alone;
+    both match the reference, also when decodes and prefills interleave."""
+    q_lens, prefix = [1, 40, 1, 1, 7, 1], [100, 0, 3000, 1, 60, 17]
+    case = make_paged_case(q_lens, prefix, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16,
+                           dtype=torch.bfloat16, device="cuda")
+    be = make_backend(name, 32, 8, 128, dtype=torch.bfloat16, split_mixed=split)
+    meta = be.prepare(case.batch)
+    out = be.forward(case.q, case.k, case.v, 0, case.kv_cache, meta)
+    torch.testing.assert_close(out.float().cpu(), reference_attention(case), atol=2e-2, rtol=2e-2)
 
 
 def test_triton_decode_long_context_fp16():
@@ -227,8 +242,9 @@ def test_cuda_graph_replay_matches_eager(name, page_size):
 
 
 
-def _llama_8b_shape(layers: int):
-    """The project's Llama-3.1-8B config cut to `layers` layers, seeded dummy bf16 weights."""
+def _llama_8b_shape(layers: int, rope: str = "llama3"):
+    """The project's Llama-3.1-8B config cut to `layers` layers, seeded dummy bf16 weights
+    (rope="default" drops the Llama-3 RoPE scaling)."""
     import json
     import os
     from transformers import AutoConfig
@@ -239,20 +255,24 @@ def _llama_8b_shape(layers: int):
     with open(os.path.join(root, "configs", "llama-3.1-8b.json")) as f:
         d = json.load(f)
     d["num_hidden_layers"] = layers
+    if rope == "default":
+        d.pop("rope_scaling", None)
+        d.pop("rope_parameters", None)
     cfg = AutoConfig.for_model(d.pop("model_type"), **d)
     spec = ModelSpec(hf_config=cfg, weights_dir=None, tokenizer_path="", max_model_len=4096,
                      eos_token_ids=(), vocab_size=cfg.vocab_size)
     return load_model(spec, ServerConfig(load_format="dummy"), "cuda", torch.bfloat16)
 
 
-def test_llama_model_backends_and_graphs():
+@pytest.mark.parametrize("rope", ["llama3", "default"])
+def test_llama_model_backends_and_graphs(rope):
     """The real Llama implementation (8B layer shapes, 2 layers): a prefill batch through each
     backend gives matching last-token logits, and 3 greedy decode steps by graph replay match
     eager ones token for token (triton and flashinfer)."""
     from kernels.base import AttentionBatch, AttentionContext, KVCache
     from scheduler_proc.cuda_graph import CudaGraphRunner
 
-    model = _llama_8b_shape(2)
+    model = _llama_8b_shape(2, rope)
     hq, hk, d, L, ps = 32, 8, 128, 2, 16
     g = torch.Generator().manual_seed(5)
     prompt_lens = [int(x) for x in torch.randint(20, 300, (5,), generator=g)]

@@ -39,19 +39,19 @@ def test_triton_kernels_in_interpreter():
 
 
 @in_child
-@pytest.mark.parametrize("scenario", ["prefill_with_prefix", "decode", "mixed"])
+@pytest.mark.parametrize("scenario", ["prefill_with_prefix", "decode", "mixed", "mixed_unsplit"])
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_attention_kernels_match_reference(scenario, page_size):
     from paged_attention_ref import make_paged_case, reference_attention
     from kernels.triton_backend import TritonAttentionBackend
 
     shapes = {"prefill_with_prefix": ([9, 17], [5, 0]), "decode": ([1] * 4, [0, 3, 8, 21]),
-              "mixed": ([1, 12, 1], [6, 3, 0])}
+              "mixed": ([1, 12, 1, 5, 1], [6, 3, 0, 9, 30]), "mixed_unsplit": ([1, 12, 1], [6, 3, 0])}
     q_lens, prefix = shapes[scenario]
     case = make_paged_case(q_lens, prefix, num_q_heads=6, num_kv_heads=2, head_dim=16, page_size=page_size,
                            dtype=torch.float32, device="cpu")
     ref = reference_attention(case)
-    be = TritonAttentionBackend(6, 2, 16, device="cpu")
+    be = TritonAttentionBackend(6, 2, 16, device="cpu", split_mixed=scenario != "mixed_unsplit")
     out = be.forward(case.q, case.k, case.v, 0, case.kv_cache, be.prepare(case.batch))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     kf, vf = case.kv_cache.flat(0)
