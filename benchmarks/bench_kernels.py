@@ -107,8 +107,6 @@ def attention_rows(backends: list[str], quick: bool) -> list[dict]:
                              graph_ms=round(gms, 4) if gms else None, prepare_ms=round(prep_ms, 3),
                              kv_GBps=round(kv_bytes / best / 1e6, 1), TFLOPs=round(flops / best / 1e9, 1)))
             print(rows[-1], flush=True)
-            del be, meta
-        del case
         torch.cuda.empty_cache()
     return rows
 
@@ -142,7 +140,6 @@ def triton_decode_sweep() -> list[dict]:
                         if best is None or ms < best["ms"]:
                             best = r
         print("best", best, flush=True)
-        del case
         torch.cuda.empty_cache()
     return rows
 
@@ -168,7 +165,6 @@ def flashinfer_decode_variants() -> list[dict]:
             rows.append(dict(batch=B, ctx=ctx, tensor_cores=tc, eager_ms=round(ms, 4), graph_us=round(us, 1),
                              kv_GBps=round(kv_bytes / us / 1e3, 1)))
             print(rows[-1], flush=True)
-        del case
         torch.cuda.empty_cache()
     return rows
 
@@ -259,7 +255,6 @@ def graph_rows(backends: list[str]) -> list[dict]:
             rows.append(dict(backend=name, batch=B, ctx=ctx, eager_ms=round(res["eager"], 3),
                              graph_ms=round(res["graph"], 3), speedup=round(res["eager"] / res["graph"], 2)))
             print(rows[-1], flush=True)
-            del runner, kv
             torch.cuda.empty_cache()
     return rows
 

@@ -7,6 +7,7 @@ the interpreter's bfloat16 arithmetic is not faithful.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -17,11 +18,7 @@ import torch
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 in_child = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process")
 
-try:
-    import triton  # noqa: F401
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover
-    HAVE_TRITON = False
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="driver runs only in the parent, needs triton")
