@@ -113,7 +113,7 @@ def test_ops_match_references():
 
 @in_child
 def test_tiny_model_triton_backend_matches_torch_backend():
-    """A 2-layer model built from the fused ops: prefill then 3 greedy decode steps, Triton
+    """A 1-layer model built from the fused ops: prefill then 2 greedy decode steps, Triton
     attention vs the torch backend on the same paged pool."""
     from kernels.base import AttentionContext, KVCache
     from kernels.torch_backend import TorchAttentionBackend
@@ -122,10 +122,10 @@ def test_tiny_model_triton_backend_matches_torch_backend():
     from test_gpu_kernels import _decode_batch
     from tiny_llama import TinyLlama
 
-    model = TinyLlama(dtype=torch.float32, device="cpu", layers=2, hidden=64, inter=128, vocab=97)
+    model = TinyLlama(dtype=torch.float32, device="cpu", layers=1, hidden=64, inter=128, vocab=97)
     ps = 4
     prompt = make_paged_case([6, 10], [0, 0], num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=ps,
-                             dtype=torch.float32, device="cpu", num_layers=2, spare_pages=4)
+                             dtype=torch.float32, device="cpu", num_layers=1, spare_pages=4)
     pb = prompt.batch
     indptr = pb.kv_indptr.tolist()
     pages = {i: pb.kv_indices[indptr[i]:indptr[i + 1]].tolist() + [prompt.kv_cache.num_pages - 1 - i]
@@ -133,11 +133,11 @@ def test_tiny_model_triton_backend_matches_torch_backend():
     ids = torch.randint(0, 97, (16,), generator=torch.Generator().manual_seed(3))
     runs = []
     for be in (TritonAttentionBackend(4, 2, 64, device="cpu"), TorchAttentionBackend(4, 2, 64, device="cpu")):
-        kv = KVCache(2, prompt.kv_cache.num_pages, ps, 2, 64, torch.float32, "cpu")
+        kv = KVCache(1, prompt.kv_cache.num_pages, ps, 2, 64, torch.float32, "cpu")
         logits = model.compute_logits(model(ids, pb.positions, AttentionContext(be, be.prepare(pb), kv, pb)))
         toks = logits[[5, 15]].argmax(-1)
         lengths, out = {0: 6, 1: 10}, [logits]
-        for _ in range(3):
+        for _ in range(2):
             b = _decode_batch(pages, lengths, ps, device="cpu")
             logits = model.compute_logits(model(toks, b.positions, AttentionContext(be, be.prepare(b), kv, b)))
             toks = logits.argmax(-1)
