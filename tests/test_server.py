@@ -437,25 +437,35 @@ def test_api_key_and_scheduler_death():
 
 
 def test_sigterm_drains_and_exits_zero():
-    srv = SkiffServer().start()
+    """SIGTERM: a short in-flight request finishes normally, one that outlives the grace period is
+    aborted (finish_reason "abort", then [DONE]); exit code 0 and no process left behind."""
+    srv = SkiffServer("--graceful-shutdown-timeout", "10").start()
     try:
         kids = srv.children()  # also multiprocessing's resource tracker
         assert {"skiff-tokenizer", "skiff-detok", "skiff-sched-0"} <= set(kids)
-        events: list = []
+        results: dict[str, list] = {"short": [], "long": []}
+        started = {"short": threading.Event(), "long": threading.Event()}
 
-        def stream():
-            body = {"prompt": "Tell me a story.", "max_tokens": 40, "ignore_eos": True, "stream": True}
+        def stream(name, max_tokens):
+            body = {"prompt": "Tell me a story.", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
             with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
-                events.extend(_sse_events(r.iter_lines()))
+                for line in r.iter_lines():
+                    results[name] += _sse_events([line])
+                    if results[name]:
+                        started[name].set()
 
-        t = threading.Thread(target=stream)
-        t.start()
-        time.sleep(0.8)
+        threads = [threading.Thread(target=stream, args=("short", 3)),
+                   threading.Thread(target=stream, args=("long", 4000))]
+        for t in threads:
+            t.start()
+        assert started["short"].wait(60) and started["long"].wait(60)
         srv.proc.send_signal(signal.SIGTERM)
-        t.join(30)
+        for t in threads:
+            t.join(40)
         assert srv.proc.wait(30) == 0
-        # The in-flight request was allowed to finish.
-        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+        short, long = results["short"], results["long"]
+        assert short[-1] == "[DONE]" and short[-2]["choices"][0]["finish_reason"] == "length"
+        assert long[-1] == "[DONE]" and long[-2]["choices"][0]["finish_reason"] == "abort"
         assert not any(pid_alive(p) for p in kids.values())
     finally:
         srv.stop()
