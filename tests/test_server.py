@@ -390,6 +390,20 @@ def test_sampling_fields_pass_through(client, model):
     assert res.usage.completion_tokens >= 2
 
 
+def test_logprobs_pass_through(client, model):
+    res = client.chat.completions.create(model=model, messages=_chat(QUESTION), temperature=0, max_tokens=4,
+                                         logprobs=True, top_logprobs=2)
+    content = res.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == res.choices[0].message.content
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
+    assert all(t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
+    comp = client.completions.create(model=model, prompt="The capital of France is", temperature=0, max_tokens=3,
+                                     logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert "".join(lp.tokens) == comp.choices[0].text and len(lp.token_logprobs) == 3
+    assert lp.text_offset[0] == 0 and all(len(t) == 2 for t in lp.top_logprobs)
+
+
 # ----------------------------------------------------------------------------- supervision
 
 
