@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from kernels import create_attention_backend
 from kernels.base import AttentionBatch, AttentionContext, KVCache
-from kernels.torch_backend import TorchAttentionBackend
 from scheduler_proc.models import embedded
 from scheduler_proc.models.embedded import ensure_embedded_model
 from scheduler_proc.models.llama import LlamaForCausalLM, UnsupportedModelError, head_dim_of
@@ -41,13 +41,15 @@ class PagedRunner:
     tokens.
     """
 
-    def __init__(self, model: LlamaForCausalLM, page_size: int, num_pages: int = 256, seed: int = 0):
+    def __init__(self, model: LlamaForCausalLM, page_size: int, num_pages: int = 256, seed: int = 0,
+                 backend: str = "torch"):
         cfg = model.config
         self.model, self.page_size = model, page_size
+        self.device = model.lm_head.weight.device
         hq, hkv = model.model.layers[0].self_attn.num_heads, model.model.layers[0].self_attn.num_kv_heads
-        self.backend = TorchAttentionBackend(hq, hkv, head_dim_of(cfg))
+        self.backend = create_attention_backend(backend, hq, hkv, head_dim_of(cfg), device=self.device)
         dtype = model.lm_head.weight.dtype
-        self.kv = KVCache(cfg.num_hidden_layers, num_pages, page_size, hkv, head_dim_of(cfg), dtype, "cpu")
+        self.kv = KVCache(cfg.num_hidden_layers, num_pages, page_size, hkv, head_dim_of(cfg), dtype, self.device)
         self.free = list(range(1, num_pages))
         random.Random(seed).shuffle(self.free)
         self.pages: dict[str, list[int]] = {}
@@ -72,13 +74,14 @@ class PagedRunner:
             seq_lens.append(end)
             prefix.append(start)
             self.lens[sid] = end
-        i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
-        batch = AttentionBatch(i32(qo), i32(kvp), i32(kvi), i32(seq_lens), i32(prefix),
-                               torch.tensor(out_loc, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                               q_lens, seq_lens, ps)
+        dev = self.device
+        i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=dev)  # noqa: E731
+        i64 = lambda xs: torch.tensor(xs, dtype=torch.int64, device=dev)  # noqa: E731
+        batch = AttentionBatch(i32(qo), i32(kvp), i32(kvi), i32(seq_lens), i32(prefix), i64(out_loc),
+                               i64(positions), q_lens, seq_lens, ps)
         with torch.inference_mode():
             ctx = AttentionContext(self.backend, self.backend.prepare(batch), self.kv, batch)
-            hidden = self.model(torch.tensor(ids), batch.positions, ctx)
+            hidden = self.model(i64(ids), batch.positions, ctx)
             logits = self.model.compute_logits(hidden)
         return {sid: logits[qo[i]:qo[i + 1]] for i, sid in enumerate(new)}
 
@@ -129,7 +132,7 @@ def smol_prompts(smol_dir) -> list[list[int]]:
 
 def hf_logits(hf, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
-        return hf(torch.tensor([ids])).logits[0].float()
+        return hf(torch.tensor([ids], device=hf.device)).logits[0].float()
 
 
 def test_smollm2_prefill_matches_hf(smol, smol_hf, smol_prompts):
@@ -208,16 +211,19 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_lay
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
 
 
-def _family_configs():
+def _family_configs(hidden: int = 64, qwen3_head_dim: int = 32):
+    """hidden / 4 heads is the head dim of qwen2 and llama3; qwen3 decouples it (GPU tests use 64,
+    a head dim whose FlashInfer kernels are prebuilt)."""
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
+    tiny = {**TINY, "hidden_size": hidden}
     return {
         # Qwen3: QK-norm, head_dim decoupled from hidden/heads, untied head
-        "qwen3": Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=False, rope_theta=1000000.0),
+        "qwen3": Qwen3Config(**tiny, head_dim=qwen3_head_dim, tie_word_embeddings=False, rope_theta=1000000.0),
         # Qwen2: qkv bias (no o_proj bias), tied head
-        "qwen2": Qwen2Config(**TINY, tie_word_embeddings=True, rope_theta=10000.0),
+        "qwen2": Qwen2Config(**tiny, tie_word_embeddings=True, rope_theta=10000.0),
         # Llama 3.x: llama3 RoPE scaling (tiny original length so it matters), attention + MLP bias, MHA
-        "llama3": LlamaConfig(**{**TINY, "num_key_value_heads": 4}, attention_bias=True, mlp_bias=True,
+        "llama3": LlamaConfig(**{**tiny, "num_key_value_heads": 4}, attention_bias=True, mlp_bias=True,
                               tie_word_embeddings=False,
                               rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
                                             "high_freq_factor": 2.0, "original_max_position_embeddings": 16},
@@ -250,6 +256,54 @@ def test_family_matches_hf_on_random_weights(family):
     runner = PagedRunner(ours, page_size=4)
     got = [runner.step({"s": ids[:30]})["s"]] + [runner.step({"s": [t]})["s"] for t in ids[30:]]
     assert_logits_close(torch.cat(got), ref)
+
+
+def _gpu_backends() -> list[str]:
+    from kernels import BackendUnavailableError
+
+    names = []
+    for name in ("torch", "triton", "flashinfer"):
+        try:
+            create_attention_backend(name, 4, 2, 32, device="cuda")
+            names.append(name)
+        except (BackendUnavailableError, ImportError):
+            pass
+    return names
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama3"])
+def test_family_on_cuda(family):
+    """On CUDA (fused Triton RMSNorm/RoPE when available): fp32 equals HF with the torch and
+    Triton backends; bf16 agrees across every available backend (FlashInfer included)."""
+    config = _family_configs(hidden=256, qwen3_head_dim=64)[family]
+    hf = _hf_model(config, seed=11).cuda()
+    ids = torch.randint(0, config.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref = hf_logits(hf, ids).cpu()
+    bf16_runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.device("cuda"):
+            prev = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                ours = LlamaForCausalLM(config)
+            finally:
+                torch.set_default_dtype(prev)
+        ours.load_weights(hf.state_dict().items())
+        assert ours.model.rotary_emb.cos_sin_cache.is_cuda
+        for name in _gpu_backends():
+            if dtype == torch.float32 and name == "flashinfer":
+                continue  # FlashInfer kernels are fp16/bf16 only
+            runner = PagedRunner(ours, page_size=4, backend=name)
+            got = torch.cat([runner.step({"s": ids[:30]})["s"]] + [runner.step({"s": [t]})["s"] for t in ids[30:]])
+            if dtype == torch.float32:
+                assert_logits_close(got.cpu(), ref, rtol=1e-3)
+            else:
+                bf16_runs[name] = got.cpu()
+    for name, got in bf16_runs.items():
+        assert_logits_close(got, ref, rtol=3e-2)
+        assert_logits_close(got, bf16_runs["torch"], rtol=2e-2)
 
 
 def test_unsupported_configs_raise():

@@ -13,6 +13,8 @@ in the copy), so checkpoints never need to be pre-sharded.
 
 from __future__ import annotations
 
+import functools
+from types import ModuleType
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -23,6 +25,19 @@ from torch import nn
 
 class ShardingError(ValueError):
     """A layer size does not split evenly over the tensor-parallel ranks, or a shard id is unknown."""
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_fused_ops() -> Optional[ModuleType]:
+    """`kernels.triton_ops` (fused RMSNorm / RoPE kernels) when Triton is importable, else None.
+
+    Used for CUDA tensors only: on GPU the torch chains cost 6-24x more (docs/benchmarks.md).
+    """
+    try:
+        import kernels.triton_ops as ops
+    except ImportError:
+        return None
+    return ops
 
 
 def _divide(n: int, tp_size: int, what: str) -> int:
@@ -238,7 +253,8 @@ class RMSNorm(nn.Module):
     """RMSNorm over the last dimension, optionally fused with the residual add.
 
     `norm(x)` returns normed x; `norm(x, residual)` returns (normed(x + residual), x + residual),
-    the pre-norm transformer's two streams. The reduction runs in float32 whatever the dtype.
+    the pre-norm transformer's two streams (on CUDA the sum is written into `residual` in place,
+    so callers must not reuse the residual they pass). The reduction runs in float32.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -253,6 +269,12 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        ops = cuda_fused_ops() if x.is_cuda else None
+        if ops is not None:
+            if residual is None:
+                return ops.rmsnorm(x, self.weight, self.eps)
+            # one kernel: residual += x in place (the caller hands its residual stream over)
+            return ops.fused_add_rmsnorm(x, residual, self.weight, self.eps), residual
         if residual is None:
             return self._norm(x)
         x = x + residual
@@ -269,5 +291,5 @@ class SiluAndMul(nn.Module):
 
 __all__ = [
     "ColumnParallelLinear", "QKVParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
-    "ParallelLMHead", "RMSNorm", "SiluAndMul", "ShardingError", "default_weight_loader",
+    "ParallelLMHead", "RMSNorm", "SiluAndMul", "ShardingError", "default_weight_loader", "cuda_fused_ops",
 ]

@@ -19,7 +19,7 @@ also writes the new K/V into `ctx.kv_cache`) and returns final-normed hidden sta
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from torch import nn
 from kernels.base import AttentionContext
 from scheduler_proc.models.layers import (
     ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm, RowParallelLinear, SiluAndMul,
-    VocabParallelEmbedding,
+    VocabParallelEmbedding, cuda_fused_ops,
 )
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -71,29 +71,49 @@ def rope_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
     return inv_freq.float(), float(scaling)
 
 
-class RotaryEmbedding(nn.Module):
-    """Neox-style RoPE (rotate the two halves of each head) from a float32 cos/sin cache.
+class RopeStep(NamedTuple):
+    """One step's RoPE inputs, looked up once and shared by every layer.
+    positions: [T] int64; cos/sin: [T, 1, D/2] in the activation dtype (None on the fused CUDA path)."""
 
-    `cos_sin(positions, dtype)` looks the cache up once per step; `apply(x, cos, sin)` rotates
-    q or k ([T, H, D]) and is called by every layer with the same cos/sin.
+    positions: torch.Tensor
+    cos: Optional[torch.Tensor]
+    sin: Optional[torch.Tensor]
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style RoPE (rotate the two halves of each head) from a float32 cos|sin cache.
+
+    `step(positions, dtype)` looks the cache up once per forward; `apply(q, k, step)` rotates
+    q ([T, Hq, D]) and k ([T, Hkv, D]) in every layer. On CUDA with Triton one fused kernel
+    rotates q and k in place instead.
     """
 
     def __init__(self, inv_freq: torch.Tensor, max_positions: int, attention_scaling: float = 1.0):
         super().__init__()
-        t = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq.float())
-        self.register_buffer("cos_cache", freqs.cos() * attention_scaling, persistent=False)
-        self.register_buffer("sin_cache", freqs.sin() * attention_scaling, persistent=False)
+        # Built on the CPU in float32 (as transformers does), then moved to the device the model
+        # is being built on.
+        t = torch.arange(max_positions, dtype=torch.float32, device="cpu")
+        freqs = torch.outer(t, inv_freq.to("cpu", torch.float32))
+        cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attention_scaling
+        self.half = freqs.shape[-1]
+        self.register_buffer("cos_sin_cache", cache.to(torch.get_default_device()), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos_cache.index_select(0, positions).to(dtype).unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin_cache.index_select(0, positions).to(dtype).unsqueeze(1)
-        return cos, sin
+    def step(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeStep:
+        if positions.is_cuda and cuda_fused_ops() is not None:
+            return RopeStep(positions, None, None)
+        cs = self.cos_sin_cache.index_select(0, positions).to(dtype).unsqueeze(1)  # [T, 1, D]
+        return RopeStep(positions, cs[..., :self.half], cs[..., self.half:])
 
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    def apply(self, q: torch.Tensor, k: torch.Tensor, step: RopeStep) -> tuple[torch.Tensor, torch.Tensor]:
+        if step.cos is None:
+            cuda_fused_ops().rotary_embedding(step.positions, q, k, self.cos_sin_cache)
+            return q, k
+        return _rotate(q, step.cos, step.sin), _rotate(k, step.cos, step.sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class LlamaAttention(nn.Module):
@@ -116,7 +136,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, hidden: torch.Tensor, rope: RotaryEmbedding, rope_step: RopeStep,
                 ctx: AttentionContext) -> torch.Tensor:
         T = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
@@ -126,8 +146,7 @@ class LlamaAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = RotaryEmbedding.apply(q, cos, sin)
-        k = RotaryEmbedding.apply(k, cos, sin)
+        q, k = rope.apply(q, k, rope_step)
         out = ctx.backend.forward(q, k, v, self.layer_id, ctx.kv_cache, ctx.meta)
         return self.o_proj(out.reshape(T, self.q_size))
 
@@ -158,14 +177,14 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], cos: torch.Tensor,
-                sin: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], rope: RotaryEmbedding,
+                rope_step: RopeStep, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos, sin, ctx)
+        hidden = self.self_attn(hidden, rope, rope_step, ctx)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -183,10 +202,10 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
+        rope_step = self.rotary_emb.step(positions, hidden.dtype)
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cos, sin, ctx)
+            hidden, residual = layer(hidden, residual, self.rotary_emb, rope_step, ctx)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
