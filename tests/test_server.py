@@ -289,6 +289,12 @@ def test_disconnect_frees_kv(server, model):
     t0 = time.monotonic()
     _wait_idle(server, timeout_s=1.5)
     assert time.monotonic() - t0 < 1.5
+    # A non-streaming client that gives up is noticed too.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=2.0)
+    t0 = time.monotonic()
+    _wait_idle(server, timeout_s=1.5)
+    assert time.monotonic() - t0 < 1.5
     res = httpx.post(server.url + "/flush_cache", timeout=30)
     assert res.status_code == 200, res.text
     time.sleep(0.6)  # next heartbeat
