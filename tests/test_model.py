@@ -479,3 +479,22 @@ def test_embedded_cache_is_reused_and_conversion_is_exclusive(smol_dir, tmp_path
     # the temporary work directory is gone; only the finished model and the lock remain
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [embedded.EMBEDDED_DIR_NAME, f"{embedded.EMBEDDED_DIR_NAME}.lock"])
+
+
+def test_sharded_checkpoint_directory_loads(tmp_path):
+    """A real-weights directory with an index and several safetensors shards (as hub models ship)."""
+    config = _family_configs()["qwen3"]
+    hf = _hf_model(config, seed=4)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    with pytest.raises(ModelLoadError):  # real weights need a tokenizer
+        load_model_config(ServerConfig(model=str(tmp_path)))
+    spec = load_model_config(ServerConfig(model=str(tmp_path), tokenizer="any/tokenizer"))
+    assert spec.weights_dir == tmp_path
+    ours = load_model(spec, ServerConfig(), "cpu", torch.float32)
+    ids = list(range(3, 23))
+    assert_logits_close(PagedRunner(ours, page_size=1).step({"s": ids})["s"], hf_logits(hf, ids))
+    (tmp_path / shards[0]).unlink()
+    with pytest.raises(ModelLoadError):
+        load_model(spec, ServerConfig(), "cpu", torch.float32)

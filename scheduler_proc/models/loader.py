@@ -253,6 +253,9 @@ def load_model(spec: ModelSpec, server_config: ServerConfig, device: torch.devic
         files = safetensors_files(spec.weights_dir)
         if not files:
             raise ModelLoadError(f"no *.safetensors weights in {spec.weights_dir}")
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ModelLoadError(f"{spec.weights_dir} lacks the shards its index names: {absent}")
         weights = iter_safetensors(files, device)
     with torch.no_grad():
         loaded = model.load_weights(weights)
