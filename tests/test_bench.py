@@ -438,9 +438,13 @@ def test_server_cache_stats():
         "# TYPE skiff:cached_tokens counter\nskiff:cached_tokens_total 30\n"
         "# TYPE skiff:prefix_cache_hit_rate gauge\nskiff:prefix_cache_hit_rate 0.2\n"
         "# TYPE unrelated gauge\nunrelated 1\n"
+        "# TYPE skiff:ttft_seconds histogram\n"
+        'skiff:ttft_seconds_bucket{le="0.1"} 1\nskiff:ttft_seconds_bucket{le="+Inf"} 2\n'
+        "skiff:ttft_seconds_count 2\nskiff:ttft_seconds_sum 0.3\n"
     )
     before = parse_prometheus(text)
     assert before["skiff:prompt_tokens_total"] == 150 and "unrelated" in before
+    assert before["skiff:ttft_seconds_count"] == 2 and not any(k.endswith("_bucket") for k in before)
     after = dict(before, **{"skiff:prompt_tokens_total": 350.0, "skiff:cached_tokens_total": 130.0})
     stats = server_cache_stats(before, after)
     assert stats.hit_rate == pytest.approx(0.5) and "skiff:cached_tokens_total" in stats.hit_rate_source

@@ -107,14 +107,17 @@ _COUNTER_PAIRS = (
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
-    """Sample name -> value, summed over label sets (e.g. one series per model). Malformed text
-    yields what parsed before the fault."""
+    """Sample name -> value, summed over label sets (e.g. one series per model). Histogram
+    buckets and `_created` timestamps are left out: summed over labels they mean nothing.
+    Malformed text yields what parsed before the fault."""
     from prometheus_client.parser import text_string_to_metric_families
 
     samples: dict[str, float] = {}
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
+                if sample.name.endswith(("_bucket", "_created")):
+                    continue
                 if math.isfinite(sample.value):
                     samples[sample.name] = samples.get(sample.name, 0.0) + sample.value
     except ValueError:
