@@ -10,8 +10,9 @@
 Both use the tiny dummy model (configs/tiny-llama.json, float32) so the model is not the bottleneck;
 `--vocab-size N` runs a copy of it with a smaller vocabulary (its LM head and sampling over 49152
 logits per row dominate a 256-row CPU step). The same stream workload is also run on the
-in-process Engine, so the serving path's share is visible. The server runs first and is stopped
-before the in-process runs, so the two never compete for the CPU.
+in-process Engine, so the serving path's share is visible. The server is stopped before the
+in-process throughput run, so the two never compete for the CPU; latency requests alternate
+between the two paths so both see the same machine load.
 """
 
 from __future__ import annotations
@@ -52,20 +53,15 @@ def _engine(model: str):
     return Engine(ServerConfig(model=model, load_format="dummy", dtype="float32", device="cpu"))
 
 
-def engine_latency(eng, iters: int, prompt: list[int]) -> list[float]:
+def one_engine_request(eng, rid: str, prompt: list[int]) -> float:
     from server.ipc import SamplingParams, TokenizedRequest
 
-    params = SamplingParams(max_new_tokens=1, temperature=0.0)
-    times = []
-    for i in range(iters + 10):
-        t0 = time.perf_counter()
-        eng.add_request(TokenizedRequest(rid=f"r{i}", input_ids=prompt, params=params))
-        done = False
-        while not done:
-            done = any(o.rid == f"r{i}" and o.finish_reason for o in eng.step())
-        if i >= 10:  # warm-up
-            times.append(time.perf_counter() - t0)
-    return times
+    t0 = time.perf_counter()
+    eng.add_request(TokenizedRequest(rid=rid, input_ids=prompt, params=SamplingParams(max_new_tokens=1,
+                                                                                      temperature=0.0)))
+    while not any(o.rid == rid and o.finish_reason for o in eng.step()):
+        pass
+    return time.perf_counter() - t0
 
 
 def engine_throughput(eng, streams: int, tokens: int, vocab: int) -> float:
@@ -103,19 +99,22 @@ def start_server(model: str) -> tuple[subprocess.Popen, str]:
     raise SystemExit("server did not start")
 
 
-def http_latency(url: str, model_name: str, iters: int, prompt: list[int]) -> list[float]:
+def latencies(eng, url: str, model_name: str, iters: int, prompt: list[int]) -> tuple[list[float], list[float]]:
+    """Alternate in-process and HTTP requests so both see the same machine load."""
     body = {"model": model_name, "prompt": prompt, "max_tokens": 1, "temperature": 0}
-    times = []
+    local, http = [], []
     with httpx.Client(base_url=url, timeout=60) as client:
         for i in range(iters + 10):
+            dt_local = one_engine_request(eng, f"r{i}", prompt)
             t0 = time.perf_counter()
             r = client.post("/v1/completions", json=body)
-            dt = time.perf_counter() - t0
+            dt_http = time.perf_counter() - t0
             if r.status_code != 200:
                 raise SystemExit(r.text)
-            if i >= 10:
-                times.append(dt)
-    return times
+            if i >= 10:  # warm-up
+                local.append(dt_local)
+                http.append(dt_http)
+    return local, http
 
 
 async def stream_throughput(url: str, model_name: str, streams: int, tokens: int, vocab: int) -> dict:
@@ -166,8 +165,9 @@ def main() -> None:
 
     proc, url = start_server(model)
     try:
+        eng = _engine(model)
         model_name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        http = http_latency(url, model_name, args.iters, make_prompt(vocab))
+        local, http = latencies(eng, url, model_name, args.iters, make_prompt(vocab))
         try:
             import uvloop
             uvloop.install()
@@ -177,9 +177,7 @@ def main() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-    eng = _engine(model)
-    local = engine_latency(eng, args.iters, make_prompt(vocab))
-    local_tput = engine_throughput(eng, args.streams, args.tokens, vocab)
+    local_tput = engine_throughput(eng, args.streams, args.tokens, vocab)  # with the server stopped
 
     e50, h50 = statistics.median(local), statistics.median(http)
     print(f"model: {args.model} (vocab {config['vocab_size']}), {os.cpu_count()} CPU cores")
