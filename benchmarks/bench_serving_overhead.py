@@ -146,6 +146,105 @@ async def stream_throughput(url: str, model_name: str, streams: int, tokens: int
             "tokens_per_chunk": total / chunks, "ttft_p50_s": pct([r[2] for r in results], 0.5)}
 
 
+# ----------------------------------------------------------------------------- --path-only
+
+
+def synthetic_scheduler(config, paths, ipc_dir: str, tp_rank: int, ready_conn) -> None:
+    """A stand-in scheduler process for --path-only: no model, it answers every request with
+    ordinary word tokens, one per request per step, a step every SKIFF_BENCH_STEP_MS ms (like an
+    engine whose batch step takes that long), so what is measured is the API, IPC and
+    detokenizer path alone. Same sockets and messages as the real one."""
+    import zmq
+
+    from scheduler_proc.models.embedded import ensure_embedded_model
+    from server import ipc
+    from server.process_util import ModelInfo, pull_socket, push_socket, report_ready, setup_child
+
+    setup_child("skiff-synthetic", config.log_level)
+    ctx = zmq.Context()
+    inbox, out = pull_socket(ctx, paths.scheduler), push_socket(ctx, paths.detokenizer)
+    report_ready(ready_conn, ModelInfo(4096, 49152, (2,), str(ensure_embedded_model())))
+    words = list(range(1000, 1400))  # plain BPE word pieces of the SmolLM2 vocabulary
+    decoder = ipc.make_decoder(ipc.SchedulerInbound)
+    running: dict[str, list] = {}  # rid -> [request, tokens generated]
+    last_stats = 0.0
+    step_s = float(os.environ.get("SKIFF_BENCH_STEP_MS", "0")) / 1e3
+    next_step = time.monotonic()
+    while True:
+        if running:
+            time.sleep(max(0.0, next_step - time.monotonic()))
+            next_step = max(next_step + step_s, time.monotonic() - step_s)
+        if running or inbox.poll(250):
+            while inbox.poll(0):
+                msg = decoder.decode(inbox.recv())
+                if isinstance(msg, ipc.TokenizedRequest):
+                    running[msg.rid] = [msg, 0]
+                    out.send(ipc.encode(ipc.RequestStarted(msg.rid, msg.params, msg.input_ids[-5:])))
+                elif isinstance(msg, ipc.AbortRequest) and msg.rid in running:
+                    req, n = running.pop(msg.rid)
+                    out.send(ipc.encode(ipc.BatchTokenOutput([ipc.TokenOutput(msg.rid, [], "abort",
+                                                                              len(req.input_ids), 0, n)])))
+                elif isinstance(msg, ipc.FlushCacheRequest):
+                    out.send(ipc.encode(ipc.FlushCacheResult(msg.req_id, not running)))
+        outputs = []
+        for rid, state in list(running.items()):
+            req, n = state
+            state[1] = n = n + 1
+            done = n >= req.params.max_new_tokens
+            outputs.append(ipc.TokenOutput(rid, [words[n % len(words)]], "length" if done else None,
+                                           len(req.input_ids), 0, n))
+            if done:
+                del running[rid]
+        if outputs:
+            out.send(ipc.encode(ipc.BatchTokenOutput(outputs)))
+        if time.monotonic() - last_stats > 0.25:
+            out.send(ipc.encode(ipc.SchedulerStats(len(running), 0, 0.0, 0.0, timestamp=time.time())))
+            last_stats = time.monotonic()
+
+
+def _serve_path_only(port: int) -> None:
+    """Run the real server (API, tokenizer, detokenizer) around `synthetic_scheduler`."""
+    from server.config import parse_args
+    from server.launcher import Supervisor
+
+    config = parse_args(["--port", str(port), "--log-level", "warning"])
+    sys.exit(Supervisor(config, scheduler_entry=("bench_serving_overhead", "synthetic_scheduler")).run())
+
+
+def path_only(args) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "benchmarks")]),
+               SKIFF_BENCH_STEP_MS=str(args.step_ms))
+    proc = subprocess.Popen([sys.executable, "-c", f"import bench_serving_overhead as b; b._serve_path_only({port})"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        model_name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        try:
+            import uvloop
+            uvloop.install()
+        except ImportError:
+            pass
+        tput = asyncio.run(stream_throughput(url, model_name, args.streams, args.tokens, 40000))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    offered = args.streams / (args.step_ms / 1e3) if args.step_ms else float("inf")
+    print(f"serving path only (synthetic token source instead of the engine: one token per stream every "
+          f"{args.step_ms} ms, {offered:,.0f} tokens/s offered), {os.cpu_count()} CPU cores:")
+    print(f"{args.streams} concurrent streams x {args.tokens} tokens: {tput['tok_per_s']:,.0f} tokens/s "
+          f"({tput['tokens']} tokens in {tput['wall_s']:.2f} s, {tput['chunks']} SSE chunks, "
+          f"{tput['tokens_per_chunk']:.2f} tokens/chunk, TTFT p50 {tput['ttft_p50_s'] * 1e3:.0f} ms)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(REPO / "configs" / "tiny-llama.json"), help="dummy model config")
@@ -153,7 +252,13 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--streams", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=200)
+    ap.add_argument("--path-only", action="store_true",
+                    help="measure only the streaming path, with a synthetic token source instead of the engine")
+    ap.add_argument("--step-ms", type=float, default=10.0, help="--path-only: the synthetic source's step time")
     args = ap.parse_args()
+    if args.path_only:
+        path_only(args)
+        return
 
     model = args.model
     config = json.loads(Path(model).read_text())

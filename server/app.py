@@ -252,7 +252,7 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
                     yield b"".join(parts)
                     group.abort()
                     return
-                if group.done:
+                if group.done and not group.items:  # items may have piled up since `first`
                     if usage_chunk is not None:
                         parts.append(usage_chunk(choices))
                     parts.append(_DONE)

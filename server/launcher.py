@@ -78,9 +78,19 @@ class _HttpServer(uvicorn.Server):
             handle.cancel()
 
 
+SCHEDULER_ENTRY = ("scheduler_proc.process", "run_scheduler")
+
+
 class Supervisor:
-    def __init__(self, config: ServerConfig):
+    """Owns the child processes and the HTTP server of one Skiff instance.
+
+    `scheduler_entry` (module, function) is the scheduler process's entry point; only benchmarks
+    that measure the serving path without a model replace it.
+    """
+
+    def __init__(self, config: ServerConfig, scheduler_entry: tuple[str, str] = SCHEDULER_ENTRY):
         self.config = config
+        self.scheduler_entry = scheduler_entry
         self.ctx = mp.get_context("spawn")
         self.children: list[_Child] = []
         self.ipc_dir = tempfile.mkdtemp(prefix="skiff-")  # mode 0700
@@ -125,7 +135,7 @@ class Supervisor:
 
     def start_children(self) -> ModelInfo:
         cfg, paths = self.config, self.paths
-        ranks = [self._spawn(f"scheduler-{r}", "scheduler_proc.process", "run_scheduler", cfg, paths, self.ipc_dir, r)
+        ranks = [self._spawn(f"scheduler-{r}", *self.scheduler_entry, cfg, paths, self.ipc_dir, r)
                  for r in range(cfg.tp_size)]
         info = self._wait_ready(ranks)[0]
         if not isinstance(info, ModelInfo):

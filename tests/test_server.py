@@ -75,6 +75,16 @@ def _wait_idle(server: SkiffServer, timeout_s: float = 5.0) -> dict:
         time.sleep(0.05)
 
 
+def _all_exit(pids, timeout_s: float = 5.0) -> bool:
+    """True once none of `pids` runs (multiprocessing's resource tracker leaves just after its parent)."""
+    deadline = time.monotonic() + timeout_s
+    while any(pid_alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 # ----------------------------------------------------------------------------- basics
 
 
@@ -450,7 +460,7 @@ def test_api_key_and_scheduler_death():
         assert time.monotonic() - t0 < 5.0
         assert code != 0
         t.join(10)
-        assert not any(pid_alive(p) for p in kids.values())
+        assert _all_exit(kids.values())
         assert events and events[-1] == "[DONE]" and "error" in events[-2], events[-3:]
     finally:
         srv.stop()
@@ -486,7 +496,7 @@ def test_sigterm_drains_and_exits_zero():
         short, long = results["short"], results["long"]
         assert short[-1] == "[DONE]" and short[-2]["choices"][0]["finish_reason"] == "length"
         assert long[-1] == "[DONE]" and long[-2]["choices"][0]["finish_reason"] == "abort"
-        assert not any(pid_alive(p) for p in kids.values())
+        assert _all_exit(kids.values())
     finally:
         srv.stop()
 
@@ -507,6 +517,6 @@ def test_tensor_parallel_two_ranks():
                                                 stream=True, extra_body={"ignore_eos": True}))
         assert "".join(c.choices[0].text for c in chunks) == res.choices[0].text
         assert srv.stop() == 0
-        assert not any(pid_alive(p) for p in kids.values())
+        assert _all_exit(kids.values())
     finally:
         srv.stop()
