@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,6 +246,7 @@ def load_model(spec: ModelSpec, server_config: ServerConfig, device: torch.devic
     Raises ModelLoadError when the checkpoint lacks tensors the model needs (or has no shards).
     """
     device = torch.device(device)
+    start = time.perf_counter()
     with _default_dtype(dtype), device:
         model = LlamaForCausalLM(spec.hf_config, tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group)
     if spec.weights_dir is None:
@@ -262,6 +264,9 @@ def load_model(spec: ModelSpec, server_config: ServerConfig, device: torch.devic
     missing = model.missing_parameters(loaded)
     if missing:
         raise ModelLoadError(f"the checkpoint lacks {len(missing)} parameters, e.g. {missing[:5]}")
+    logger.info("loaded %s weights (%s, %s, tp %d/%d) in %.1f s",
+                "dummy" if spec.weights_dir is None else spec.weights_dir, dtype, device, tp_rank, tp_size,
+                time.perf_counter() - start)
     return model.eval()
 
 
