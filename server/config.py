@@ -83,7 +83,8 @@ _HELP = {
     "disable_overlap": "Run the plain schedule -> run -> process loop (no CPU/GPU overlap).",
     "disable_cuda_graph": "Run decode eagerly, without CUDA graphs.",
     "cuda_graph_max_bs": "Largest decode batch captured in a CUDA graph (default: sized to the GPU).",
-    "num_threads": "CPU only: torch threads for the scheduler (default: all cores).",
+    "num_threads": "CPU only: torch threads per scheduler process (default: the cores left after the "
+    "other server processes, split across TP ranks; in-process engines use all cores).",
     "log_level": "debug, info, warning or error.",
 }
 

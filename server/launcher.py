@@ -17,6 +17,7 @@ import importlib
 import logging
 import multiprocessing as mp
 import multiprocessing.connection as mpc
+import os
 import shutil
 import signal
 import sys
@@ -133,9 +134,19 @@ class Supervisor:
                 payloads[i] = payload
         return [payloads[i] for i in range(len(pending))]
 
+    def _scheduler_config(self) -> ServerConfig:
+        """The schedulers' config: on CPU, torch threads default to the cores the other processes
+        leave free, split across ranks. Oversubscribed OpenMP threads stall at every barrier when a
+        neighbour process takes a core: on 2 cores, 2 threads stream ~3.5x fewer tokens/s than 1."""
+        if self.config.num_threads is not None:
+            return self.config
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return self.config.replace(num_threads=max(1, (cores - 1) // self.config.tp_size))
+
     def start_children(self) -> ModelInfo:
         cfg, paths = self.config, self.paths
-        ranks = [self._spawn(f"scheduler-{r}", *self.scheduler_entry, cfg, paths, self.ipc_dir, r)
+        sched_cfg = self._scheduler_config()
+        ranks = [self._spawn(f"scheduler-{r}", *self.scheduler_entry, sched_cfg, paths, self.ipc_dir, r)
                  for r in range(cfg.tp_size)]
         info = self._wait_ready(ranks)[0]
         if not isinstance(info, ModelInfo):

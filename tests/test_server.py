@@ -47,7 +47,12 @@ def engine():
     from scheduler_proc.engine import Engine
     from server.config import ServerConfig
 
-    return Engine(ServerConfig(dtype="float32", device="cpu", max_model_len=SERVER_MAX_MODEL_LEN))
+    import torch
+
+    before = torch.get_num_threads()
+    threads = max(1, len(os.sched_getaffinity(0)) - 1)  # as the server's scheduler runs
+    yield Engine(ServerConfig(dtype="float32", device="cpu", max_model_len=SERVER_MAX_MODEL_LEN, num_threads=threads))
+    torch.set_num_threads(before)  # the Engine set it process-wide
 
 
 def _chat(text: str) -> list[dict]:
