@@ -506,8 +506,9 @@ def test_sigterm_drains_and_exits_zero():
         srv.stop()
 
 
-def test_tensor_parallel_two_ranks():
-    """tp_size 2: two scheduler processes (gloo on CPU), rank 0 broadcasting what it receives."""
+def test_tensor_parallel_two_ranks_and_parent_death():
+    """tp_size 2: two scheduler processes (gloo on CPU), rank 0 broadcasting what it receives.
+    Then SIGKILL the supervisor: every child notices its parent is gone and exits."""
     srv = SkiffServer("--tp", "2", "--model", "configs/tiny-llama.json", "--load-format", "dummy").start()
     try:
         kids = srv.children()
@@ -521,7 +522,9 @@ def test_tensor_parallel_two_ranks():
         chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
                                                 stream=True, extra_body={"ignore_eos": True}))
         assert "".join(c.choices[0].text for c in chunks) == res.choices[0].text
-        assert srv.stop() == 0
+        # The supervisor dies without any chance to clean up: its children must not outlive it.
+        srv.proc.kill()
+        srv.proc.wait(10)
         assert _all_exit(kids.values())
     finally:
         srv.stop()
