@@ -275,7 +275,7 @@ def chat_messages(messages: list[ChatMessageIn]) -> list[ChatMessage]:
                 raise ProtocolError("tool messages are not supported yet", f"messages[{i}].role")
             raise ProtocolError(f"unknown role {m.role!r}; expected one of {', '.join(_ROLES)}",
                                 f"messages[{i}].role")
-        for name in ("name", "tool_calls", "tool_call_id"):
+        for name in ("name", "tool_calls", "tool_call_id", "refusal"):
             if getattr(m, name) is not None:
                 raise ProtocolError(f"`{name}` in messages is not supported yet", f"messages[{i}].{name}")
         text = flatten_content(m.content, i)
