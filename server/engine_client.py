@@ -95,6 +95,13 @@ class EngineClient:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task.add_done_callback(self._on_receiver_exit)
+
+    def _on_receiver_exit(self, task: asyncio.Task) -> None:
+        # A bug in the receive loop must not leave every request waiting forever.
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("the output receiver failed", exc_info=task.exception())
+            self.fail_all(f"the output receiver failed: {task.exception()!r}")
 
     async def close(self) -> None:
         if self._task is not None:
