@@ -28,6 +28,7 @@ from server.engine_client import EngineClient, EngineDead, RequestGroup
 from server.metrics import Metrics
 from server.process_util import IpcPaths, ModelInfo
 from server.protocol import ProtocolError, error_body
+from server.structured import ToolResponder
 
 logger = logging.getLogger(__name__)
 
@@ -306,10 +307,12 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
             logprobs = None
             if plan.params.logprobs:
                 logprobs = {"content": protocol.chat_logprobs(c.token_texts, c.logprobs, c.top_texts, c.top_vals)}
+            tools = ToolResponder(plan.tools)
+            message = {"role": "assistant", **tools.message(c.text), "refusal": None}
             body = {
                 "id": response_id, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                             "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}],
+                "choices": [{"index": 0, "message": message, "logprobs": logprobs,
+                             "finish_reason": tools.finish_reason(c.finish_reason), "stop_reason": c.stop_reason}],
                 "usage": _usage(choices), "system_fingerprint": None,
             }
             return Response(_json.encode(body), media_type="application/json")
@@ -320,17 +323,25 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
             return _sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
                          "model": model_name, "system_fingerprint": None, "choices": [choice], **extra})
 
+        tools = ToolResponder(plan.tools)
+
         def emit(i: int, c: _Choice, text: str, finished: bool) -> list[bytes]:
             parts = []
             logprobs = None
             if plan.params.logprobs:
                 texts, vals, top_t, top_v = c.take_logprobs()
                 logprobs = {"content": protocol.chat_logprobs(texts, vals, top_t, top_v)} if texts else None
-            if text or logprobs is not None:
+            if tools.active:  # content and tool-call deltas from the tool-call parser
+                deltas = tools.deltas(text) + (tools.finish() if finished else [])
+                for k, delta in enumerate(deltas):
+                    parts.append(chunk({"index": i, "delta": delta, "logprobs": logprobs if k == 0 else None,
+                                        "finish_reason": None}))
+            elif text or logprobs is not None:
                 parts.append(chunk({"index": i, "delta": {"content": text}, "logprobs": logprobs,
                                     "finish_reason": None}))
             if finished:
-                parts.append(chunk({"index": i, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason,
+                parts.append(chunk({"index": i, "delta": {}, "logprobs": None,
+                                    "finish_reason": tools.finish_reason(c.finish_reason),
                                     "stop_reason": c.stop_reason}))
             return parts
 

@@ -14,6 +14,8 @@ from typing import Any, Optional, Union
 import msgspec
 
 from server.ipc import ChatMessage, SamplingParams
+from server.structured import StructuredOutputError, ToolPlan, grammar_from_request, prepare_tool_messages, \
+    structured_chat
 
 
 class ProtocolError(ValueError):
@@ -67,8 +69,11 @@ class _SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
     min_tokens: Optional[int] = None
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: Optional[bool] = None
-    # declared only to be refused until they are implemented
+    # structured outputs (regex / ebnf: SGLang's extensions)
     response_format: Optional[Any] = None
+    regex: Optional[str] = None
+    ebnf: Optional[str] = None
+    # tools are chat-only (completions refuse them)
     tools: Optional[Any] = None
     tool_choice: Optional[Any] = None
     parallel_tool_calls: Optional[Any] = None
@@ -137,7 +142,8 @@ def decode_body(body: bytes, type_: type) -> Any:
 
 
 _UNSUPPORTED_CHAT = ("modalities", "audio", "prediction", "reasoning_effort", "web_search_options")
-_UNSUPPORTED = ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "metadata")
+_UNSUPPORTED = ("functions", "function_call", "metadata")
+_CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls")
 
 
 def _not_supported(field: str) -> ProtocolError:
@@ -148,10 +154,6 @@ def _check_unsupported(req: _SamplingFields, extra: tuple[str, ...] = ()) -> Non
     for name in _UNSUPPORTED + extra:
         if getattr(req, name) is not None:
             raise _not_supported(name)
-    if req.response_format is not None:
-        kind = req.response_format.get("type") if isinstance(req.response_format, dict) else None
-        if kind != "text":
-            raise _not_supported("response_format")
     if req.service_tier not in (None, "auto", "default"):
         raise _not_supported("service_tier")
     if req.store:
@@ -262,27 +264,42 @@ def flatten_content(content: Union[str, list[dict[str, Any]], None], index: int)
     return "\n".join(texts)
 
 
-_ROLES = ("system", "developer", "user", "assistant")
+_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def chat_messages(messages: list[ChatMessageIn]) -> list[ChatMessage]:
+def chat_message_dicts(messages: list[ChatMessageIn]) -> list[dict]:
+    """Validated messages as dicts (role, text content, assistant tool_calls, tool_call_id)."""
     if not messages:
         raise ProtocolError("`messages` must contain at least one message", "messages")
     out = []
     for i, m in enumerate(messages):
         if m.role not in _ROLES:
-            if m.role == "tool":
-                raise ProtocolError("tool messages are not supported yet", f"messages[{i}].role")
             raise ProtocolError(f"unknown role {m.role!r}; expected one of {', '.join(_ROLES)}",
                                 f"messages[{i}].role")
-        for name in ("name", "tool_calls", "tool_call_id", "refusal"):
+        for name in ("name", "refusal"):
             if getattr(m, name) is not None:
                 raise ProtocolError(f"`{name}` in messages is not supported yet", f"messages[{i}].{name}")
+        if m.tool_calls is not None and m.role != "assistant":
+            raise ProtocolError("only assistant messages carry `tool_calls`", f"messages[{i}].tool_calls")
+        if m.role == "tool" and not isinstance(m.tool_call_id, str):
+            raise ProtocolError("a tool message needs `tool_call_id`", f"messages[{i}].tool_call_id")
         text = flatten_content(m.content, i)
-        if text is None:
+        if text is None and not m.tool_calls:
             raise ProtocolError(f"message {i} has no content", f"messages[{i}].content")
-        out.append(ChatMessage(m.role, text))
+        d: dict = {"role": m.role, "content": text}
+        if m.tool_calls:
+            d["tool_calls"] = m.tool_calls
+        out.append(d)
     return out
+
+
+def _to_chat_messages(dicts: list[dict]) -> list[ChatMessage]:
+    return [ChatMessage(d["role"], d["content"]) for d in dicts]
+
+
+def chat_messages(messages: list[ChatMessageIn]) -> list[ChatMessage]:
+    """Messages for the chat template; tool calls and tool results rendered as text."""
+    return _to_chat_messages(prepare_tool_messages(chat_message_dicts(messages), None, supports_tools=False))
 
 
 @dataclass
@@ -292,6 +309,7 @@ class ChatPlan:
     max_tokens: Optional[int]
     stream: bool
     include_usage: bool
+    tools: Optional[ToolPlan] = None  # set when the request has tools (see server.structured)
 
 
 def plan_chat(req: ChatCompletionRequest, vocab_size: int) -> ChatPlan:
@@ -309,7 +327,13 @@ def plan_chat(req: ChatCompletionRequest, vocab_size: int) -> ChatPlan:
     if max_tokens is None:
         max_tokens = _max_tokens(req.max_tokens, "max_tokens", 1)
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-    return ChatPlan(chat_messages(req.messages), params, max_tokens, bool(req.stream), include_usage)
+    try:
+        sc = structured_chat(chat_message_dicts(req.messages), req.response_format, req.regex, req.ebnf,
+                             req.tools, req.tool_choice, req.parallel_tool_calls)
+    except StructuredOutputError as e:
+        raise ProtocolError(e.message, e.param) from e
+    params.grammar = sc.grammar
+    return ChatPlan(_to_chat_messages(sc.messages), params, max_tokens, bool(req.stream), include_usage, sc.tools)
 
 
 @dataclass
@@ -342,7 +366,7 @@ def completion_prompts(prompt: Union[str, list[Any], None]) -> list[Union[str, l
 
 
 def plan_completion(req: CompletionRequest, vocab_size: int) -> CompletionPlan:
-    _check_unsupported(req)
+    _check_unsupported(req, _CHAT_ONLY)
     if req.suffix is not None:
         raise _not_supported("suffix")
     if req.best_of is not None and req.best_of != 1:
@@ -353,6 +377,10 @@ def plan_completion(req: CompletionRequest, vocab_size: int) -> CompletionPlan:
         raise ProtocolError("`echo` together with `logprobs` is not supported yet", "echo")
     logprobs = req.logprobs is not None
     params = sampling_params(req, vocab_size, logprobs, req.logprobs or 0)
+    try:
+        params.grammar = grammar_from_request(req.response_format, req.regex, req.ebnf)
+    except StructuredOutputError as e:
+        raise ProtocolError(e.message, e.param) from e
     max_tokens = _max_tokens(req.max_tokens, "max_tokens", 0)
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     return CompletionPlan(completion_prompts(req.prompt), params, max_tokens, bool(req.stream), include_usage,
