@@ -102,6 +102,8 @@ class SchedulerLoop:
     def step(self) -> None:
         if self.engine.has_work():
             outputs = self.engine.step()
+            for error in self.engine.take_errors():  # e.g. a grammar that failed to compile
+                self._emit(error)
             if outputs:
                 self._emit(ipc.BatchTokenOutput(outputs))
 

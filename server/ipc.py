@@ -129,6 +129,11 @@ class SchedulerStats(msgspec.Struct, tag=True):
     num_cached_tokens: int = 0
     step_time_s: float = 0.0
     timestamp: float = 0.0
+    # structured outputs: grammar compile cache (cumulative) and bitmask filling time
+    grammar_cache_hits: int = 0
+    grammar_cache_misses: int = 0
+    grammar_compile_failures: int = 0
+    grammar_mask_fill_s: float = 0.0
 
 
 # ----------------------------------------------------------------------------- server-side messages

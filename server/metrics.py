@@ -36,6 +36,15 @@ class Metrics:
                               buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
         self.itl = Histogram("skiff:inter_token_latency_seconds", "Time between consecutive output tokens.",
                              labels, buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
+        self.grammar_hits = Counter("skiff:grammar_cache_hits", "Grammar compile cache hits.", labels,
+                                    registry=r).labels(model_name)
+        self.grammar_misses = Counter("skiff:grammar_cache_misses", "Grammar compiles (cache misses).", labels,
+                                      registry=r).labels(model_name)
+        self.grammar_failures = Counter("skiff:grammar_compile_failures", "Grammars that failed to compile.",
+                                        labels, registry=r).labels(model_name)
+        self.grammar_mask_s = Counter("skiff:grammar_mask_fill_seconds", "CPU time spent filling grammar bitmasks.",
+                                      labels, registry=r).labels(model_name)
+        self._grammar_last = (0, 0, 0, 0.0)  # the scheduler reports running totals; counters take deltas
         self.e2e = Histogram("skiff:e2e_request_latency_seconds", "End-to-end request latency.", labels,
                              buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
 
@@ -44,6 +53,13 @@ class Metrics:
         self.num_waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_usage)
         self.hit_rate.set(stats.cache_hit_rate)
+        now = (stats.grammar_cache_hits, stats.grammar_cache_misses, stats.grammar_compile_failures,
+               stats.grammar_mask_fill_s)
+        for counter, new, old in zip((self.grammar_hits, self.grammar_misses, self.grammar_failures,
+                                      self.grammar_mask_s), now, self._grammar_last):
+            if new > old:
+                counter.inc(new - old)
+        self._grammar_last = now
 
     def observe_tokens(self, first: bool, elapsed_s: float, gap_s: float, num_tokens: int) -> None:
         """One output arrived with `num_tokens` new tokens; `gap_s` since the previous one."""
