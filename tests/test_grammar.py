@@ -394,3 +394,38 @@ def test_backend_remove_drops_queued_request(manager):
 
 def test_request_grammar_type(manager):
     assert isinstance(manager.new_matcher(manager.compile(GrammarSpec("json_object"))), RequestGrammar)
+
+
+def test_engine_integration(tokenizer):
+    """The engine's wiring: queue until compiled, masked sampling, termination, errors, abort, no leaks."""
+    from scheduler_proc.engine import Engine, EngineError
+    from server.config import ServerConfig
+    from server.ipc import TokenizedRequest
+
+    eng = Engine(ServerConfig(model=_model_dir(), dtype="float32", device="cpu"))
+
+    def chat(text):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+
+    schema = SCHEMAS["int_ranges"]
+    spec = GrammarSpec("json_schema", json.dumps(schema))
+    prompts = [chat("Give me an age and a temperature as JSON."), chat("Tell me a fact about 3.")]
+    alone = eng.generate(prompts[1:], SamplingParams(max_new_tokens=12, temperature=0))[0].output_ids
+    outs = eng.generate(prompts, [SamplingParams(max_new_tokens=60, temperature=1.0, seed=3, grammar=spec),
+                                  SamplingParams(max_new_tokens=12, temperature=0)])
+    assert outs[0].finish_reason == "stop" and outs[0].output_ids[-1] == EOS
+    jsonschema.validate(json.loads(tokenizer.decode(outs[0].output_ids[:-1])), schema)
+    assert outs[1].output_ids == alone  # the constrained neighbour changes nothing
+
+    with pytest.raises(EngineError, match="Lookbehind"):
+        eng.generate(prompts[:1], SamplingParams(max_new_tokens=4, grammar=GrammarSpec("regex", "(?<=a)b")))
+
+    eng.add_request(TokenizedRequest("queued", prompts[0], SamplingParams(
+        max_new_tokens=4, grammar=GrammarSpec("regex", "[a-z]{3,9}"))))
+    eng.abort_request("queued")
+    assert [(o.rid, o.finish_reason) for o in eng.step()] == [("queued", "abort")]
+    assert not eng.has_work()
+    eng.check_no_leaks()
+    stats = eng.stats()
+    assert stats.grammar_cache_misses >= 2 and stats.grammar_compile_failures >= 1
