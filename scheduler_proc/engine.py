@@ -1,0 +1,431 @@
+"""The in-process engine: one rank's model, KV pool, prefix cache, scheduler and sampler.
+
+The scheduler process drives it (`add_request`, `abort_request`, `step`); tests and benchmarks use
+`generate` directly. One `step` is schedule -> run -> process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from radix_cache import NoPrefixCache, PageAllocator, RadixCache
+from scheduler_proc.grammar import GrammarManager
+from scheduler_proc.grammar_backend import REJECTED, TERMINATED, GrammarBackend
+from scheduler_proc.model_runner import HostCopy, ModelRunner
+from scheduler_proc.models.loader import load_model_config, resolve_dtype
+from scheduler_proc.request import Req
+from scheduler_proc.sampling import Sampler, SamplingBatch
+from scheduler_proc.scheduler import NeedsSync, ScheduleBatch, Scheduler
+from server.config import ServerConfig
+from server.ipc import ErrorOutput, SamplingParams, SchedulerStats, TokenizedRequest, TokenOutput, TopLogprobs
+
+logger = logging.getLogger(__name__)
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve (bad input); `message` is safe to show to the client."""
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.message, self.param = message, param
+
+
+@dataclass
+class StepResult:
+    """A launched step: its batch, the items that sample, and their results on the way to the host."""
+
+    batch: ScheduleBatch
+    sampled: list
+    host: "HostCopy"
+    launch_time: float
+
+
+@dataclass
+class GenerateOutput:
+    rid: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+    finish_reason: str
+    cached_tokens: int
+    text: Optional[str] = None
+    logprobs: Optional[list[float]] = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
+class Engine:
+    def __init__(self, config: ServerConfig, tp_rank: int = 0, tp_group=None):
+        self.config = config
+        self.device = resolve_device(config.device)
+        if self.device.type == "cpu" and config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.spec = load_model_config(config)
+        self.max_model_len = self.spec.max_model_len
+        self.vocab_size = self.spec.vocab_size
+        self.eos_token_ids = list(self.spec.eos_token_ids)
+        self.tokenizer_path = str(self.spec.tokenizer_path)
+        self.runner = ModelRunner(config, self.spec, self.device, self.dtype, tp_rank=tp_rank,
+                                  tp_size=config.tp_size, tp_group=tp_group)
+        self.page_size = config.page_size
+        self.allocator = PageAllocator(self.runner.num_pages)
+        cache_cls = NoPrefixCache if config.disable_radix_cache else RadixCache
+        self.cache = cache_cls(self.allocator, page_size=self.page_size)
+        self.scheduler = Scheduler(self.cache, self.allocator, self.page_size, config.chunked_prefill_size,
+                                   config.max_running_requests,
+                                   cache_unfinished=not config.disable_radix_cache)
+        self.sampler = Sampler(self.vocab_size, self.eos_token_ids, self.device)
+        self.tp_group = tp_group
+        self._grammar: Optional[GrammarBackend] = None  # built at the first grammar request
+        self._errors: list[ErrorOutput] = []  # requests that failed after add_request (bad grammar)
+        self.requests: dict[str, Req] = {}
+        self._arrivals = itertools.count()
+        self._generate_ids = itertools.count()
+        self._aborted: list[Req] = []
+        self._tokenizer = None
+        # Overlap is a device-side win; on CPU both loops are available (tests compare them).
+        self.overlap = not config.disable_overlap and self.device.type == "cuda"
+        self._inflight: Optional[StepResult] = None
+        self.last_step_time = 0.0
+        self.num_steps = 0
+        self.generated_tokens = 0
+        self.computed_tokens = 0  # tokens run through the model (prefill + decode), for tests and stats
+
+    # ------------------------------------------------------------------ request intake
+
+    def add_request(self, req: TokenizedRequest) -> None:
+        p = req.params
+        ids = req.input_ids
+        if req.rid in self.requests:
+            raise EngineError(f"duplicate request id {req.rid!r}")
+        if not ids:
+            raise EngineError("the prompt is empty", "prompt")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise EngineError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", "prompt")
+        if len(ids) >= self.max_model_len:
+            raise EngineError(f"the prompt has {len(ids)} tokens but the context length is "
+                              f"{self.max_model_len}; at most {self.max_model_len - 1} fit", "prompt")
+        if p.max_new_tokens < 0:
+            raise EngineError("max_tokens must be at least 0", "max_tokens")
+        capacity = (self.runner.num_pages - 1) * self.page_size
+        if len(ids) + 1 > capacity:
+            raise EngineError(f"the prompt has {len(ids)} tokens but the KV pool holds {capacity}", "prompt")
+        # A sequence never outgrows the context nor the whole pool (then it could never resume).
+        max_new = min(p.max_new_tokens, self.max_model_len - len(ids), capacity - len(ids))
+        r = Req(rid=req.rid, input_ids=list(ids), params=p, arrival=next(self._arrivals),
+                max_new_tokens=max_new, stream=req.stream)
+        self.requests[r.rid] = r
+        if p.grammar is not None and self.grammar_backend.on_add(r):
+            return  # waits in the grammar queue until its grammar is compiled
+        self.scheduler.add(r)
+
+    def abort_request(self, rid: str) -> None:
+        req = self.requests.get(rid)
+        if req is None or req.finished:
+            return
+        req.finish_reason = "abort"
+        if self._grammar is not None:
+            self._grammar.remove(req)
+        if req.inflight_steps == 0:  # else its pages are freed once the step writing them is done
+            self._retire(req)
+        self._aborted.append(req)
+
+    # ------------------------------------------------------------------ the step
+
+    def has_work(self) -> bool:
+        return (self.scheduler.has_work() or bool(self._aborted) or self._inflight is not None
+                or (self._grammar is not None and self._grammar.has_waiting()))
+
+    def step(self) -> list[TokenOutput]:
+        """One iteration: schedule -> run -> process (overlap: process the previous step's results
+        while this one runs on the device). Returns the outputs that became ready."""
+        outputs = [self._output(r) for r in self._aborted]
+        self._aborted.clear()
+        if self._grammar is not None and self._grammar.has_waiting():
+            self._release_grammar_waiters()
+        try:
+            batch = self.scheduler.schedule()
+        except NeedsSync:
+            outputs += self._process(self._inflight)
+            self._inflight = None
+            batch = self.scheduler.schedule()
+        if batch is not None and self._inflight is not None and not self.overlap_safe(batch):
+            outputs += self._process(self._inflight)
+            self._inflight = None
+        launched = self._launch(batch) if batch is not None else None
+        if self.overlap:
+            if self._inflight is not None:
+                outputs += self._process(self._inflight)
+            self._inflight = launched
+        elif launched is not None:
+            outputs += self._process(launched)
+        return outputs
+
+    @staticmethod
+    def overlap_safe(batch: ScheduleBatch) -> bool:
+        """Sampling this batch needs no output token still in flight (penalties count them all)."""
+        return not any(it.req.params.repetition_penalty != 1.0 or it.req.params.frequency_penalty
+                       or it.req.params.presence_penalty or it.req.grammar is not None
+                       for it in batch.items if it.sample)
+
+    def _launch(self, batch: ScheduleBatch) -> StepResult:
+        """Run the forward and sampling for `batch` without waiting for the device; every sampled
+        request gets a placeholder output token that `_process` resolves."""
+        t0 = time.perf_counter()
+        self.computed_tokens += batch.num_tokens
+        echo = {it.req.rid for it in batch.items
+                if it.req.params.prompt_logprobs and it.start < len(it.req.input_ids)}
+        fwd = self.runner.prepare(batch, echo)
+        logits = self.runner.forward(fwd)
+
+        sample_rows, sampled, echo_rows = [], [], []
+        row = 0
+        for item in batch.items:
+            n = item.q_len if item.req.rid in echo else (1 if item.sample else 0)
+            if item.req.rid in echo:
+                echo_rows.append((item, row, n))
+            if item.sample:
+                sample_rows.append(row + n - 1)
+                sampled.append(item)
+            row += n
+        for item, r0, n in echo_rows:
+            self._record_prompt_logprobs(item, logits[r0: r0 + n])
+
+        out = None
+        if sampled:
+            reqs = [it.req for it in sampled]
+            info = SamplingBatch.build([r.params for r in reqs], [r.input_ids for r in reqs],
+                                       [r.output_ids for r in reqs], self.vocab_size, self.device,
+                                       default_seed=self.config.seed)
+            rows = logits if len(sample_rows) == logits.shape[0] else logits[sample_rows]
+            mask = self._grammar.fill_mask(reqs) if self._grammar is not None else None
+            out = self.sampler.sample(rows, info, mask)
+            slots = self.runner.futures.put(out.token_ids)
+            for req, slot in zip(reqs, slots):
+                req.output_ids.append(-1 - slot)
+        for item in batch.items:
+            item.req.num_computed += item.q_len
+            item.req.inflight_steps += 1
+        result = StepResult(batch, sampled, self.runner.to_host(out), time.perf_counter() - t0)
+        return result
+
+    def _process(self, result: StepResult) -> list[TokenOutput]:
+        """Resolve a launched step's tokens on the host, finish requests, collect outputs."""
+        host = result.host.wait()
+        tokens, lp, top_ids, top_vals = host.token_ids, host.logprobs, host.top_ids, host.top_vals
+        outputs: list[TokenOutput] = []
+        for item in result.batch.items:
+            item.req.inflight_steps -= 1
+        for i, item in enumerate(result.sampled):
+            req = item.req
+            index = req.num_resolved  # this step's token is the first unresolved output
+            if req.finished:
+                # Finished (or aborted) while this step ran: drop its extra token, then free.
+                del req.output_ids[index:index + 1]
+                req.num_computed = min(req.num_computed, req.seq_len)
+                if req.inflight_steps == 0:
+                    self._retire(req)
+                continue
+            if req.max_new_tokens == 0:
+                del req.output_ids[index:index + 1]
+                req.finish_reason = "length"
+            else:
+                token = tokens[i]
+                req.output_ids[index] = token
+                req.num_resolved = index + 1
+                self.generated_tokens += 1
+                if req.params.logprobs and lp is not None:
+                    req.pending_logprobs.append(lp[i])
+                    k = req.params.top_logprobs
+                    if k and top_ids is not None:
+                        req.pending_top.append(TopLogprobs(top_ids[i][:k], top_vals[i][:k]))
+                self._check_finish(req, token)
+                if req.grammar is not None:
+                    self._accept_grammar(req, token)
+            if req.finished:
+                if req.inflight_steps == 0:
+                    self._retire(req)
+            elif req.num_resolved == 1 and req in self.scheduler.running:
+                self.scheduler.cache_prefix(req)
+            if req.finished or req.stream:
+                outputs.append(self._output(req))
+        self.last_step_time = result.launch_time
+        self.num_steps += 1
+        return outputs
+
+    def _retire(self, req: Req) -> None:
+        self.scheduler.remove(req)
+        self.requests.pop(req.rid, None)
+        req.grammar = None  # frees the matcher
+
+    # ------------------------------------------------------------------ structured outputs
+
+    @property
+    def grammar_backend(self) -> GrammarBackend:
+        if self._grammar is None:
+            manager = GrammarManager(self.tokenizer_path, self.vocab_size, stop_token_ids=self.eos_token_ids)
+            self._grammar = GrammarBackend(manager, self.device)
+        return self._grammar
+
+    def _release_grammar_waiters(self) -> None:
+        """Move requests whose grammar compiled to the scheduler; fail those that did not compile."""
+        g = self._grammar
+        if not self.scheduler.has_work() and self._inflight is None:
+            g.wait(0.01)  # nothing else to do: wait a little instead of spinning
+        q = g.pop_ready(self._agree if self.config.tp_size > 1 else None)
+        for req in q.ready:
+            self.scheduler.add(req)
+        for req, message in q.failed:
+            req.finish_reason = "abort"
+            self.requests.pop(req.rid, None)
+            self._errors.append(ErrorOutput(req.rid, message, 400, "response_format"))
+
+    def _agree(self, codes: list[int]) -> list[int]:
+        """TP ranks release a queued request in the same step: the MIN of their statuses."""
+        import torch.distributed as dist
+        t = torch.tensor(codes, dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp_group)
+        return t.tolist()
+
+    def _accept_grammar(self, req: Req, token: int) -> None:
+        (event,) = self._grammar.accept([req], [token])
+        if event == TERMINATED and not req.finished:
+            req.finish_reason, req.matched_stop = "stop", token
+        elif event == REJECTED:
+            # Only when the mask could not be honoured (e.g. min_tokens banned the grammar's only
+            # way out); the output no longer matches, so the request ends here.
+            req.finish_reason = "abort"
+
+    def take_errors(self) -> list[ErrorOutput]:
+        """Requests that failed after add_request (their grammar did not compile), for the client."""
+        errors, self._errors = self._errors, []
+        return errors
+
+    def _check_finish(self, req: Req, token: int) -> None:
+        p = req.params
+        if token in p.stop_token_ids:
+            req.finish_reason, req.matched_stop = "stop", token
+        elif token in self.eos_token_ids and not p.ignore_eos:
+            req.finish_reason, req.matched_stop = "stop", token
+        elif req.num_resolved >= req.max_new_tokens:
+            req.finish_reason = "length"
+
+    def _record_prompt_logprobs(self, item, rows: torch.Tensor) -> None:
+        """Logprob of each prompt token given its prefix; the first prompt token has none."""
+        req = item.req
+        if req.prompt_logprobs is None:
+            req.prompt_logprobs, req.prompt_top_logprobs = [None], [None]
+        n_prompt = len(req.input_ids)
+        end = min(item.start + item.q_len, n_prompt - 1)  # rows predicting prompt tokens
+        count = end - item.start
+        if count <= 0:
+            return
+        next_ids = torch.tensor(req.input_ids[item.start + 1: end + 1], device=rows.device)
+        vals, tops = self.sampler.prompt_logprobs(rows[:count], next_ids, req.params.top_logprobs)
+        req.prompt_logprobs += vals
+        req.prompt_top_logprobs += tops if tops is not None else [None] * count
+
+    def _output(self, req: Req) -> TokenOutput:
+        new = req.output_ids[req.sent_tokens:req.num_resolved]
+        req.sent_tokens = req.num_resolved
+        out = TokenOutput(
+            rid=req.rid, token_ids=new, finish_reason=req.finish_reason,
+            prompt_tokens=len(req.input_ids), cached_tokens=req.cached_tokens,
+            completion_tokens=req.num_resolved, matched_stop=req.matched_stop,
+        )
+        if req.params.logprobs:
+            out.logprobs, req.pending_logprobs = req.pending_logprobs, []
+            if req.params.top_logprobs:
+                out.top_logprobs, req.pending_top = req.pending_top, []
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            out.prompt_logprobs = req.prompt_logprobs
+            out.prompt_top_logprobs = req.prompt_top_logprobs
+            req.prompt_logprobs_sent = True
+        return out
+
+    # ------------------------------------------------------------------ control and stats
+
+    def flush_cache(self) -> bool:
+        if self.scheduler.has_work():
+            return False
+        self.cache.reset()
+        return True
+
+    def kv_usage(self) -> float:
+        usable = self.runner.num_pages - 1
+        return (usable - self.allocator.num_free) / usable
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + (self._grammar.num_waiting if self._grammar else 0),
+            kv_usage=self.kv_usage(), cache_hit_rate=self.scheduler.hit_rate,
+            num_cached_tokens=self.scheduler.hit_tokens, step_time_s=self.last_step_time,
+            timestamp=time.time(), **self._grammar_stats(),
+        )
+
+    def _grammar_stats(self) -> dict:
+        if self._grammar is None:
+            return {}
+        g, m = self._grammar.manager.stats, self._grammar.mask_stats
+        return {"grammar_cache_hits": g.hits, "grammar_cache_misses": g.misses,
+                "grammar_compile_failures": g.failures, "grammar_mask_fill_s": m.fill_seconds}
+
+    def check_no_leaks(self) -> None:
+        """Raise if any page is owned twice or by nobody (free + cache + requests == all)."""
+        usable = self.runner.num_pages - 1
+        owned = self.allocator.num_free + self.cache.num_cached_pages + self.scheduler.num_owned_pages()
+        if owned != usable:
+            raise AssertionError(f"KV page leak: free {self.allocator.num_free} + cached "
+                                 f"{self.cache.num_cached_pages} + requests "
+                                 f"{self.scheduler.num_owned_pages()} != {usable}")
+
+    # ------------------------------------------------------------------ in-process convenience
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        return self._tokenizer
+
+    def generate(self, prompts: Sequence[Union[str, Sequence[int]]],
+                 params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list[GenerateOutput]:
+        """Run prompts (text or token ids) to completion together; outputs in prompt order."""
+        params = params if params is not None else SamplingParams()
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        rids, prompt_ids = [], []
+        for prompt, p in zip(prompts, plist):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+            rid = f"generate-{next(self._generate_ids)}"
+            self.add_request(TokenizedRequest(rid=rid, input_ids=ids, params=p, stream=False))
+            rids.append(rid)
+            prompt_ids.append(ids)
+        done: dict[str, TokenOutput] = {}
+        while len(done) < len(rids):
+            errors = self.take_errors()
+            if errors:
+                raise EngineError(errors[0].message, errors[0].param)
+            for out in self.step():
+                if out.finish_reason is not None:
+                    done[out.rid] = out
+        results = []
+        for rid, prompt, ids in zip(rids, prompts, prompt_ids):
+            out = done[rid]
+            text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True) if isinstance(prompt, str) else None
+            results.append(GenerateOutput(rid, ids, out.token_ids, out.finish_reason, out.cached_tokens, text,
+                                          out.logprobs))
+        return results

@@ -1,0 +1,241 @@
+"""Continuous batching with chunked prefill over a paged KV pool and a prefix cache.
+
+Each step builds one batch: every running decode (one token each), then prompt chunks of
+partially prefilled requests, then newly admitted requests, under a token budget
+(`chunked_prefill_size`). Admission reserves only the prompt's pages, never `max_tokens`; when the
+pool runs dry during decode, the newest decodes are retracted: their computed KV goes to the
+prefix cache (so resuming recomputes little) and they rejoin the waiting queue in arrival order.
+Everything is ordered by arrival, so the batch a step builds is a pure function of the state
+(tensor-parallel ranks that see the same requests build the same batches).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Optional
+
+from radix_cache.base import BasePageAllocator, BasePrefixCache
+from scheduler_proc.request import Req
+
+
+class NeedsSync(Exception):
+    """Scheduling must retract a request that has a step in flight: process that step first."""
+
+
+@dataclass
+class ScheduledItem:
+    """Compute `req.all_ids[start : start + q_len]`; sample after the last one when `sample`."""
+
+    req: Req
+    start: int
+    q_len: int
+    sample: bool
+
+
+@dataclass
+class ScheduleBatch:
+    items: list[ScheduledItem]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(item.q_len for item in self.items)
+
+    @property
+    def num_decodes(self) -> int:
+        return sum(1 for item in self.items if item.sample and item.q_len == 1)
+
+
+class Scheduler:
+    def __init__(self, cache: BasePrefixCache, allocator: BasePageAllocator, page_size: int,
+                 chunked_prefill_size: int, max_running_requests: int, cache_unfinished: bool = True):
+        self.cache = cache
+        self.allocator = allocator
+        self.page_size = page_size
+        self.token_budget = chunked_prefill_size
+        self.max_running = max_running_requests
+        self.cache_unfinished = cache_unfinished
+        self.waiting: list[Req] = []  # sorted by arrival
+        self.running: list[Req] = []  # admitted, sorted by arrival
+        self.num_retractions = 0
+        self.num_evicted_pages = 0
+        self.hit_tokens = 0  # prompt tokens served from the prefix cache
+        self.prompt_tokens = 0
+
+    # ------------------------------------------------------------------ queue management
+
+    def add(self, req: Req) -> None:
+        self._enqueue(req)
+
+    def remove(self, req: Req) -> None:
+        """Drop a request wherever it is (abort or finish) and release its KV."""
+        if req in self.running:
+            self.running.remove(req)
+            self._release(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _enqueue(self, req: Req) -> None:
+        keys = [r.arrival for r in self.waiting]
+        self.waiting.insert(bisect.bisect(keys, req.arrival), req)
+
+    # ------------------------------------------------------------------ scheduling
+
+    def schedule(self) -> Optional[ScheduleBatch]:
+        items: list[ScheduledItem] = []
+        decodes = self._schedule_decodes()
+        items += [ScheduledItem(r, r.num_computed, 1, True) for r in decodes]
+        budget = self.token_budget - len(decodes)
+
+        for req in self.running:
+            if budget <= 0:
+                break
+            if req.finished or req.is_decoding:
+                continue
+            item = self._schedule_chunk(req, budget)
+            if item is None:
+                break
+            items.append(item)
+            budget -= item.q_len
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            item = self._admit(self.waiting[0], budget)
+            if item is None:
+                break
+            self.waiting.pop(0)
+            bisect.insort(self.running, item.req, key=lambda r: r.arrival)
+            items.append(item)
+            budget -= item.q_len
+        if not items and self.running:
+            # Every running prompt is stuck waiting for pages that only its peers hold.
+            if any(r.inflight_steps for r in self.running):
+                raise NeedsSync
+            self.retract(self.running[-1])
+            return self.schedule()
+        return ScheduleBatch(items) if items else None
+
+    def _schedule_decodes(self) -> list[Req]:
+        decodes = [r for r in self.running if r.is_decoding and r.wants_more]
+        while decodes:
+            needed = sum(self._pages_needed(r, 1) for r in decodes)
+            if self._make_free(needed):
+                break
+            victim = decodes.pop()  # newest first: the oldest requests keep making progress
+            if victim.inflight_steps:
+                raise NeedsSync
+            self.retract(victim)
+        for r in decodes:
+            self._alloc(r, 1)
+        return decodes
+
+    def _schedule_chunk(self, req: Req, budget: int) -> Optional[ScheduledItem]:
+        remaining = req.seq_len - req.num_computed
+        q_len = min(remaining, budget)
+        if not self._make_free(self._pages_needed(req, q_len)):
+            # Everything evictable is gone: take what fits; a chunk that fits nothing waits.
+            q_len = min(q_len, self._slack(req) + self.allocator.num_free * self.page_size)
+        if q_len <= 0:
+            return None
+        self._alloc(req, q_len)
+        return ScheduledItem(req, req.num_computed, q_len, q_len == remaining)
+
+    def _admit(self, req: Req, budget: int) -> Optional[ScheduledItem]:
+        """Match the prefix cache, lock the match, and schedule the first chunk, if it fits."""
+        # Prompt logprobs need logits at every prompt position, so such a prompt reuses nothing.
+        reusable = 0 if req.params.prompt_logprobs and not req.output_ids else req.seq_len - 1
+        match = self.cache.match_prefix(req.all_ids[:reusable])
+        self.cache.lock(match.node)
+        if self.running:
+            # Admit only what can finish its prompt next to the prompts already admitted, with a
+            # page of headroom per running request so admissions do not starve their decodes.
+            needed = -(-req.seq_len // self.page_size) - len(match.pages)
+            reserved = sum(self._pages_needed(r, r.seq_len - r.num_computed)
+                           for r in self.running if not (r.finished or r.is_decoding))
+            available = self.allocator.num_free + self.cache.num_evictable_pages
+            if available - reserved - needed < len(self.running):
+                self.cache.unlock(match.node)
+                return None
+        req.pages = list(match.pages)
+        req.num_tree_pages = len(match.pages)
+        req.node = match.node
+        req.num_computed = match.num_tokens
+        item = self._schedule_chunk(req, budget)
+        if item is None:
+            self._release(req)
+            return None
+        if not req.output_ids:  # a first admission, not a resume: report the cache hit
+            req.cached_tokens = match.num_tokens
+            self.hit_tokens += match.num_tokens
+            self.prompt_tokens += len(req.input_ids)
+        return item
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    # ------------------------------------------------------------------ KV pages
+
+    def _pages_needed(self, req: Req, q_len: int) -> int:
+        return max(0, -(-(req.num_computed + q_len) // self.page_size) - len(req.pages))
+
+    def _slack(self, req: Req) -> int:
+        """Free slots left in the request's last, partly filled page."""
+        return len(req.pages) * self.page_size - req.num_computed
+
+    def _make_free(self, num_pages: int) -> bool:
+        short = num_pages - self.allocator.num_free
+        if short > 0:
+            self.num_evicted_pages += self.cache.evict(short)
+        return self.allocator.num_free >= num_pages
+
+    def _alloc(self, req: Req, q_len: int) -> None:
+        n = self._pages_needed(req, q_len)
+        if n:
+            pages = self.allocator.alloc(n)
+            if pages is None:  # _make_free guaranteed them; this is a bookkeeping bug
+                raise RuntimeError("KV allocator out of pages after a successful reservation")
+            req.pages.extend(pages)
+
+    def retract(self, req: Req) -> None:
+        """Send a running request back to the queue; its computed KV stays in the prefix cache."""
+        self.running.remove(req)
+        self._release(req)
+        req.num_retractions += 1
+        self.num_retractions += 1
+        self._enqueue(req)
+
+    def cache_prefix(self, req: Req) -> None:
+        """Hand the request's computed full pages to the prefix cache and lock them there.
+
+        Done when a prompt's prefill completes, so identical prompts arriving meanwhile (n > 1,
+        shared system prompts) reuse it at once rather than after this request finishes.
+        """
+        if not self.cache_unfinished:
+            return
+        full = req.num_computed // self.page_size
+        key = req.all_ids[: full * self.page_size]
+        already = self.cache.insert(key, req.pages[:full]) // self.page_size
+        self.allocator.free(req.pages[req.num_tree_pages:already])
+        self.cache.unlock(req.node)
+        match = self.cache.match_prefix(key)
+        self.cache.lock(match.node)
+        req.pages = list(match.pages) + req.pages[full:]
+        req.num_tree_pages, req.node = len(match.pages), match.node
+
+    def _release(self, req: Req) -> None:
+        """Give the request's KV up: computed full pages to the cache, the rest to the allocator."""
+        full = req.num_computed // self.page_size
+        key = req.all_ids[: full * self.page_size]
+        already = self.cache.insert(key, req.pages[:full]) // self.page_size
+        self.allocator.free(req.pages[req.num_tree_pages:already] + req.pages[full:])
+        self.cache.unlock(req.node)
+        req.pages, req.num_tree_pages, req.node, req.num_computed = [], 0, None, 0
+
+    # ------------------------------------------------------------------ accounting
+
+    def num_owned_pages(self) -> int:
+        """Pages held by running requests outside the prefix cache."""
+        return sum(len(r.own_pages()) for r in self.running)

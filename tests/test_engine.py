@@ -1,0 +1,224 @@
+"""The in-process Engine against Hugging Face transformers on the embedded SmolLM2 (fp32, greedy)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scheduler_proc.engine import Engine, EngineError
+from scheduler_proc.models.embedded import ensure_embedded_model
+from server.config import ServerConfig
+from server.ipc import SamplingParams, TokenizedRequest
+
+MAX_NEW = 24
+GREEDY = SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0)
+
+_PARAGRAPH = (
+    "The history of the printing press begins in the fifteenth century, when movable type changed how "
+    "knowledge spread across Europe. Printers in many cities produced books, pamphlets and maps, and "
+    "literacy grew steadily as prices fell. "
+)
+
+
+def _prompts(tok) -> list[list[int]]:
+    texts = [
+        "Hi there",
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "List three prime numbers and explain why they are prime.",
+        _PARAGRAPH + "Summarize the paragraph above in one sentence.",
+        _PARAGRAPH * 4 + "What changed because of printing?",
+        _PARAGRAPH * 9 + "Name one consequence.",
+        _PARAGRAPH * 11 + "Continue the story:",
+    ]
+    chats = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
+    ids = [list(c["input_ids"]) if hasattr(c, "keys") else list(c) for c in chats]
+    assert min(map(len, ids)) >= 5 and max(map(len, ids)) <= 500, [len(x) for x in ids]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return ensure_embedded_model()
+
+
+@pytest.fixture(scope="module")
+def hf_reference(model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = _prompts(tok)
+    refs = []
+    with torch.inference_mode():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False,
+                                 eos_token_id=2, pad_token_id=2)
+            gen = out[0, len(ids):].tolist()
+            refs.append(gen)
+    return prompts, refs
+
+
+def _engine(**kw) -> Engine:
+    return Engine(ServerConfig(dtype="float32", device="cpu", **kw))
+
+
+def _same(outs, refs):
+    for i, (o, ref) in enumerate(zip(outs, refs)):
+        assert o.output_ids == ref, f"prompt {i}: {o.output_ids} != {ref}"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return _engine()
+
+
+def test_one_at_a_time_matches_hf(engine, hf_reference):
+    prompts, refs = hf_reference
+    engine.flush_cache()
+    for ids, ref in zip(prompts, refs):
+        (out,) = engine.generate([ids], GREEDY)
+        assert out.output_ids == ref
+        assert out.finish_reason in ("stop", "length")
+    engine.check_no_leaks()
+
+
+def test_one_batch_matches_hf(engine, hf_reference):
+    prompts, refs = hf_reference
+    engine.flush_cache()
+    _same(engine.generate(prompts, GREEDY), refs)
+    engine.check_no_leaks()
+
+
+def test_chunked_prefill_matches_hf(hf_reference):
+    prompts, refs = hf_reference
+    eng = _engine(chunked_prefill_size=48, page_size=4)
+    _same(eng.generate(prompts, GREEDY), refs)
+    assert max(len(p) for p in prompts) > 48  # prompts really were split
+    eng.check_no_leaks()
+
+
+def test_tiny_pool_retracts_and_evicts_but_matches_hf(hf_reference):
+    prompts, refs = hf_reference
+    # Room for the longest prompt and its output, not for all of them at once.
+    longest = max(len(p) for p in prompts) + MAX_NEW
+    eng = _engine(max_total_tokens=longest + 1, chunked_prefill_size=256)
+    outs = eng.generate(prompts, GREEDY)
+    _same(outs, refs)
+    assert eng.scheduler.num_retractions > 0
+    assert eng.scheduler.num_evicted_pages > 0
+    eng.check_no_leaks()
+    assert eng.flush_cache()
+    assert eng.allocator.num_free == eng.runner.num_pages - 1
+
+
+def test_repeated_prompt_computes_only_the_suffix(engine, hf_reference):
+    prompts, refs = hf_reference
+    engine.flush_cache()
+    ids = prompts[5]
+    before = engine.computed_tokens
+    (first,) = engine.generate([ids], GREEDY)
+    first_cost = engine.computed_tokens - before
+    before = engine.computed_tokens
+    (second,) = engine.generate([ids], GREEDY)
+    second_cost = engine.computed_tokens - before
+    assert first.cached_tokens == 0
+    assert second.cached_tokens == len(ids) - 1  # all but the token whose logits start decoding
+    assert first_cost == len(ids) + len(first.output_ids) - 1
+    assert second_cost == len(ids) - second.cached_tokens + len(second.output_ids) - 1
+    assert second.output_ids == first.output_ids == refs[5]
+
+
+def test_concurrent_requests_never_share_a_page(hf_reference):
+    prompts, _ = hf_reference
+    eng = _engine(max_total_tokens=1500, chunked_prefill_size=128, page_size=2)
+    for i, ids in enumerate(prompts * 2):
+        eng.add_request(TokenizedRequest(rid=f"r{i}", input_ids=ids,
+                                         params=SamplingParams(max_new_tokens=16, temperature=0.8, seed=i)))
+    while eng.has_work():
+        eng.step()
+        owners: dict[int, str] = {}
+        for req in eng.scheduler.running:
+            for page in req.own_pages():
+                assert page not in owners, f"page {page} owned by {owners.get(page)} and {req.rid}"
+                owners[page] = req.rid
+        tree_pages = set(eng.cache.owned_pages())
+        free_pages = set(eng.allocator.free_pages())
+        assert not tree_pages & set(owners)
+        assert not free_pages & set(owners)
+        assert not free_pages & tree_pages
+        eng.check_no_leaks()
+    assert eng.flush_cache()
+    assert eng.allocator.num_free == eng.runner.num_pages - 1
+
+
+def test_bad_input_raises_typed_errors(engine):
+    def add(rid, ids, **kw):
+        engine.add_request(TokenizedRequest(rid=rid, input_ids=ids, params=SamplingParams(**kw)))
+
+    with pytest.raises(EngineError, match="empty"):
+        add("e1", [])
+    with pytest.raises(EngineError, match="vocabulary"):
+        add("e2", [1, 2, engine.vocab_size])
+    with pytest.raises(EngineError, match="vocabulary"):
+        add("e3", [-1])
+    with pytest.raises(EngineError, match="context length"):
+        add("e4", [5] * engine.max_model_len)
+    with pytest.raises(EngineError, match="max_tokens"):
+        add("e5", [5, 6], max_new_tokens=-1)
+    add("ok", [5, 6], max_new_tokens=2)
+    with pytest.raises(EngineError, match="duplicate"):
+        add("ok", [5, 6])
+    while engine.has_work():
+        engine.step()
+    assert not engine.requests
+    engine.check_no_leaks()
+
+
+def test_abort_frees_kv(engine, hf_reference):
+    prompts, _ = hf_reference
+    engine.flush_cache()
+    engine.add_request(TokenizedRequest(rid="a", input_ids=prompts[6], params=GREEDY))
+    engine.step()
+    engine.abort_request("a")
+    outs = engine.step()
+    assert [o.finish_reason for o in outs if o.rid == "a"] == ["abort"]
+    assert not engine.has_work()
+    engine.check_no_leaks()
+    assert engine.flush_cache() and engine.kv_usage() == 0.0
+
+
+def test_text_prompt_and_chat_answer(engine):
+    tok = engine.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True)
+    ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+    (out,) = engine.generate([ids], SamplingParams(max_new_tokens=20, temperature=0.0))
+    assert tok.decode(out.output_ids, skip_special_tokens=True).strip() == "The capital of France is Paris."
+    assert out.finish_reason == "stop"
+
+
+def test_overlap_loop_matches_plain_loop(hf_reference):
+    """The overlap loop (launch k+1 before processing k) gives the same greedy tokens, never emits a
+    token after EOS, and frees everything; on CPU it runs synchronously but takes the same path."""
+    prompts, refs = hf_reference
+    eng = _engine(chunked_prefill_size=96, max_total_tokens=2400)
+    eng.overlap = True
+    outs = eng.generate(prompts, GREEDY)
+    _same(outs, refs)
+    for o in outs:
+        assert all(t >= 0 for t in o.output_ids)
+        if o.finish_reason == "stop":
+            assert o.output_ids[-1] == 2 and 2 not in o.output_ids[:-1]
+    assert eng._inflight is None and not eng.requests
+    eng.check_no_leaks()
+    # Aborting while a step is in flight frees the request once that step is processed.
+    eng.add_request(TokenizedRequest(rid="x", input_ids=prompts[3], params=GREEDY))
+    eng.step()
+    eng.step()
+    eng.abort_request("x")
+    finals = []
+    while eng.has_work():
+        finals += [o for o in eng.step() if o.rid == "x" and o.finish_reason]
+    assert [o.finish_reason for o in finals] == ["abort"]
+    eng.check_no_leaks()
