@@ -95,10 +95,15 @@ class ModelRunner:
         num_q_heads = hf.num_attention_heads // tp_size
         num_kv_heads = max(1, hf.num_key_value_heads // tp_size)
         self.backend = create_attention_backend(config.attention_backend, num_q_heads, num_kv_heads,
-                                                head_dim, device=device)
+                                                head_dim, device=device, dtype=dtype)
         num_pages = self._num_pages(hf.num_hidden_layers, num_kv_heads, head_dim)
         self.kv_cache = KVCache(hf.num_hidden_layers, num_pages, self.page_size, num_kv_heads, head_dim,
                                 dtype, device)
+        self.graphs = None
+        if device.type == "cuda" and not config.disable_cuda_graph and self.backend.supports_cuda_graph:
+            from scheduler_proc.cuda_graph import CudaGraphRunner
+            self.graphs = CudaGraphRunner(self.model, self.backend, self.kv_cache, config.cuda_graph_max_bs,
+                                          dtype, device, max_seq_len=spec.max_model_len)
         self.futures = FutureTokens(4 * config.max_running_requests + 64, device)
         logger.info("KV pool: %d pages x %d tokens = %d tokens of capacity", num_pages, self.page_size,
                     (num_pages - 1) * self.page_size)
@@ -177,7 +182,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, fwd: ForwardInput) -> torch.Tensor:
-        """Logits [num_logit_rows, vocab] (float32) for the rows `prepare` selected."""
+        """Logits [num_logit_rows, vocab] (float32) for the rows `prepare` selected.
+
+        Decode batches replay a captured CUDA graph; the logits are then a view of the graph's
+        static output, valid until the next replay (the sampler consumes them first, in stream order).
+        """
+        attn = fwd.attn
+        if self.graphs is not None and fwd.num_logit_rows == attn.num_seqs and self.graphs.can_run(attn):
+            return self.graphs.replay(fwd.input_ids, attn.positions, attn)
         meta = self.backend.prepare(fwd.attn)
         ctx = AttentionContext(self.backend, meta, self.kv_cache, fwd.attn)
         hidden = self.model(fwd.input_ids, fwd.attn.positions, ctx)

@@ -1,0 +1,124 @@
+"""GPU throughput of the in-process Engine on a dummy-weight model (default: Llama-3.1-8B shape, bf16).
+
+    python benchmarks/bench_engine_gpu.py --tokenizer DIR [--scenarios b1 b64 1000x1024x128] [--variants ...]
+
+Scenarios (random prompt token ids, EOS ignored so lengths are exact):
+  b1:            1 request, 128 in / 256 out: decode ms per output token (after the first token)
+  b64:           64 requests at once, 512 in / 256 out: output tokens/s
+  NxIxO:         N requests at once, I in / O out: output tokens/s
+Variants: default (overlap + CUDA graphs), no-overlap, no-graph. Prints one table; also checks that
+greedy tokens are identical across variants for the first requests of each scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+
+from scheduler_proc.engine import Engine
+from server.config import ServerConfig
+from server.ipc import SamplingParams, TokenizedRequest
+
+VARIANTS = {
+    "default": {},
+    "no-overlap": {"disable_overlap": True},
+    "no-graph": {"disable_cuda_graph": True},
+}
+
+
+def parse_scenario(name: str) -> tuple[int, int, int]:
+    if name == "b1":
+        return 1, 128, 256
+    if name == "b64":
+        return 64, 512, 256
+    n, i, o = (int(x) for x in name.split("x"))
+    return n, i, o
+
+
+def run(engine: Engine, n: int, inp: int, out: int, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    params = SamplingParams(max_new_tokens=out, temperature=0.0, ignore_eos=True)
+    reqs = [[rng.randrange(100, engine.vocab_size - 100) for _ in range(inp)] for _ in range(n)]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i, ids in enumerate(reqs):
+        engine.add_request(TokenizedRequest(rid=f"r{seed}-{i}", input_ids=ids, params=params, stream=True))
+    first: dict[str, float] = {}
+    tokens: dict[str, list[int]] = {}
+    steps = 0
+    while engine.has_work():
+        outs = engine.step()
+        steps += 1
+        now = time.perf_counter()
+        for o in outs:
+            if o.token_ids and o.rid not in first:
+                first[o.rid] = now
+            tokens.setdefault(o.rid, []).extend(o.token_ids)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    total_out = sum(len(t) for t in tokens.values())
+    last_first = max(first.values())
+    return {
+        "duration_s": t1 - t0,
+        "output_tokens": total_out,
+        "output_tok_s": total_out / (t1 - t0),
+        "total_tok_s": (total_out + n * inp) / (t1 - t0),
+        "prefill_phase_s": last_first - t0,
+        "decode_phase_s": t1 - last_first,
+        "ms_per_output_token_b1": (t1 - first[f"r{seed}-0"]) * 1000 / max(1, out - 1) if n == 1 else None,
+        "steps": steps,
+        "first_tokens": tokens[f"r{seed}-0"][:32],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="configs/llama-3.1-8b.json")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--scenarios", nargs="+", default=["b1", "b64"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--output", default=None)
+    args = ap.parse_args()
+    results = {}
+    for variant in args.variants:
+        cfg = ServerConfig(model=args.model, tokenizer=args.tokenizer, load_format="dummy", device="cuda",
+                           attention_backend=args.attention_backend, max_running_requests=256,
+                           chunked_prefill_size=8192, **VARIANTS[variant])
+        t0 = time.perf_counter()
+        engine = Engine(cfg)
+        print(f"[{variant}] engine ready in {time.perf_counter() - t0:.1f} s, "
+              f"KV {engine.runner.num_pages - 1} pages, overlap={engine.overlap}, "
+              f"graphs={engine.runner.graphs is not None}", flush=True)
+        run(engine, 4, 64, 16, seed=99)  # warm-up
+        for sc in args.scenarios:
+            n, i, o = parse_scenario(sc)
+            r = run(engine, n, i, o)
+            results[(variant, sc)] = r
+            print(f"[{variant}] {sc}: {json.dumps({k: v for k, v in r.items() if k != 'first_tokens'})}",
+                  flush=True)
+        del engine
+        torch.cuda.empty_cache()
+
+    print(f"\n{torch.cuda.get_device_name()} | {args.model} | bf16 dummy weights")
+    print(f"{'variant':12} {'scenario':16} {'out tok/s':>10} {'ms/tok b1':>10} {'prefill s':>10} "
+          f"{'decode s':>9} {'steps':>6}")
+    for (variant, sc), r in results.items():
+        b1 = f"{r['ms_per_output_token_b1']:.2f}" if r["ms_per_output_token_b1"] else "-"
+        print(f"{variant:12} {sc:16} {r['output_tok_s']:10.0f} {b1:>10} {r['prefill_phase_s']:10.2f} "
+              f"{r['decode_phase_s']:9.2f} {r['steps']:6}")
+    for sc in args.scenarios:
+        firsts = {v: results[(v, sc)]["first_tokens"] for v in args.variants if (v, sc) in results}
+        same = len({tuple(t) for t in firsts.values()}) == 1
+        print(f"greedy tokens identical across variants for {sc}: {same}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({f"{v}|{s}": r for (v, s), r in results.items()}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
