@@ -205,6 +205,20 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
     def _first_error(items) -> Optional[ipc.ErrorOutput]:
         return next((it for _, it in items if isinstance(it, ipc.ErrorOutput)), None)
 
+    async def _start(group: RequestGroup, request: Request):
+        """The group's first outputs, or instead the response to send (client gone, or an error
+        before any token: nothing was streamed yet, so it is a plain JSON error)."""
+        try:
+            first = await _first_items(group, request)
+        except ClientGone:
+            return None, Response(status_code=499)
+        error = _first_error(first)
+        if error is not None:
+            group.abort()  # the other prompts of a multi-prompt completion may be running
+            group.close()
+            return None, _error_response(error.status, error.message, param=error.param)
+        return first, None
+
     async def _collect(group: RequestGroup, request: Request, n: int) -> list[_Choice]:
         choices = [_Choice() for _ in range(n)]
         try:
@@ -286,14 +300,9 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
         group = client.generate([gen])
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        try:
-            first = await _first_items(group, request)
-        except ClientGone:
-            return Response(status_code=499)
-        error = _first_error(first)
-        if error is not None:
-            group.close()
-            return _error_response(error.status, error.message, param=error.param)
+        first, refusal = await _start(group, request)
+        if refusal is not None:
+            return refusal
 
         if not plan.stream:
             group.items[:0] = first
@@ -381,15 +390,9 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
         n = len(gens)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        try:
-            first = await _first_items(group, request)
-        except ClientGone:
-            return Response(status_code=499)
-        error = _first_error(first)
-        if error is not None:
-            group.abort()
-            group.close()
-            return _error_response(error.status, error.message, param=error.param)
+        first, refusal = await _start(group, request)
+        if refusal is not None:
+            return refusal
 
         def logprobs_of(c: _Choice, offset: int):
             texts, vals, top_t, top_v = c.take_logprobs()
