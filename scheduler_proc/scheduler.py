@@ -215,23 +215,27 @@ class Scheduler:
         """
         if not self.cache_unfinished:
             return
-        full = req.num_computed // self.page_size
-        key = req.all_ids[: full * self.page_size]
-        already = self.cache.insert(key, req.pages[:full]) // self.page_size
-        self.allocator.free(req.pages[req.num_tree_pages:already])
-        self.cache.unlock(req.node)
+        full, key = self._hand_to_cache(req)
         match = self.cache.match_prefix(key)
         self.cache.lock(match.node)
         req.pages = list(match.pages) + req.pages[full:]
         req.num_tree_pages, req.node = len(match.pages), match.node
 
-    def _release(self, req: Req) -> None:
-        """Give the request's KV up: computed full pages to the cache, the rest to the allocator."""
+    def _hand_to_cache(self, req: Req) -> tuple[int, list[int]]:
+        """Insert the request's computed full pages into the cache, free its copies of pages the
+        cache already had, and drop its lock. Returns (number of full pages, their token key);
+        `req.pages[full:]` is still the request's own."""
         full = req.num_computed // self.page_size
         key = req.all_ids[: full * self.page_size]
         already = self.cache.insert(key, req.pages[:full]) // self.page_size
-        self.allocator.free(req.pages[req.num_tree_pages:already] + req.pages[full:])
+        self.allocator.free(req.pages[req.num_tree_pages:already])
         self.cache.unlock(req.node)
+        return full, key
+
+    def _release(self, req: Req) -> None:
+        """Give the request's KV up: computed full pages to the cache, the rest to the allocator."""
+        full, _ = self._hand_to_cache(req)
+        self.allocator.free(req.pages[full:])
         req.pages, req.num_tree_pages, req.node, req.num_computed = [], 0, None, 0
 
     # ------------------------------------------------------------------ accounting
