@@ -8,18 +8,26 @@ Scenarios (random prompt token ids, EOS ignored so lengths are exact):
   NxIxO:         N requests at once, I in / O out: output tokens/s
 Variants: default (overlap + CUDA graphs), no-overlap, no-graph. Prints one table; also checks that
 greedy tokens are identical across variants for the first requests of each scenario.
+`idle %` is the device's idle time between steps over its busy + idle time (CUDA events around each
+step, see scheduler_proc/step_timeline.py). `--cprofile N` prints the N host functions with the most
+own time over an extra, profiled run of each default-variant scenario.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import gc
+import io
 import json
+import pstats
 import random
 import time
 
 import torch
 
 from scheduler_proc.engine import Engine
+from scheduler_proc.step_timeline import StepTimeline
 from server.config import ServerConfig
 from server.ipc import SamplingParams, TokenizedRequest
 
@@ -44,6 +52,7 @@ def run(engine: Engine, n: int, inp: int, out: int, seed: int = 0) -> dict:
     params = SamplingParams(max_new_tokens=out, temperature=0.0, ignore_eos=True)
     reqs = [[rng.randrange(100, engine.vocab_size - 100) for _ in range(inp)] for _ in range(n)]
     torch.cuda.synchronize()
+    engine.timeline = StepTimeline(engine.device)
     t0 = time.perf_counter()
     for i, ids in enumerate(reqs):
         engine.add_request(TokenizedRequest(rid=f"r{seed}-{i}", input_ids=ids, params=params, stream=True))
@@ -60,6 +69,8 @@ def run(engine: Engine, n: int, inp: int, out: int, seed: int = 0) -> dict:
             tokens.setdefault(o.rid, []).extend(o.token_ids)
     torch.cuda.synchronize()
     t1 = time.perf_counter()
+    timeline = engine.timeline.summary()
+    engine.timeline = None
     total_out = sum(len(t) for t in tokens.values())
     last_first = max(first.values())
     return {
@@ -71,6 +82,8 @@ def run(engine: Engine, n: int, inp: int, out: int, seed: int = 0) -> dict:
         "decode_phase_s": t1 - last_first,
         "ms_per_output_token_b1": (t1 - first[f"r{seed}-0"]) * 1000 / max(1, out - 1) if n == 1 else None,
         "steps": steps,
+        "gpu_idle_fraction": timeline.idle_fraction,
+        "gpu_busy_s": timeline.busy_s,
         "first_tokens": tokens[f"r{seed}-0"][:32],
     }
 
@@ -83,6 +96,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--output", default=None)
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N",
+                    help="print the N host functions with the most own time per default-variant scenario")
     args = ap.parse_args()
     results = {}
     for variant in args.variants:
@@ -98,19 +113,27 @@ def main() -> None:
         for sc in args.scenarios:
             n, i, o = parse_scenario(sc)
             r = run(engine, n, i, o)
+            if args.cprofile and variant == "default":
+                # A separate run: cProfile slows the host down, so it must not touch the figures.
+                prof = cProfile.Profile()
+                prof.runcall(run, engine, n, i, o, seed=1)
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.cprofile)
+                print(f"[{variant}] {sc} host profile:\n{text.getvalue()}", flush=True)
             results[(variant, sc)] = r
             print(f"[{variant}] {sc}: {json.dumps({k: v for k, v in r.items() if k != 'first_tokens'})}",
                   flush=True)
         del engine
+        gc.collect()  # the next variant sizes its KV pool from free memory
         torch.cuda.empty_cache()
 
     print(f"\n{torch.cuda.get_device_name()} | {args.model} | bf16 dummy weights")
     print(f"{'variant':12} {'scenario':16} {'out tok/s':>10} {'ms/tok b1':>10} {'prefill s':>10} "
-          f"{'decode s':>9} {'steps':>6}")
+          f"{'decode s':>9} {'steps':>6} {'idle %':>7}")
     for (variant, sc), r in results.items():
         b1 = f"{r['ms_per_output_token_b1']:.2f}" if r["ms_per_output_token_b1"] else "-"
         print(f"{variant:12} {sc:16} {r['output_tok_s']:10.0f} {b1:>10} {r['prefill_phase_s']:10.2f} "
-              f"{r['decode_phase_s']:9.2f} {r['steps']:6}")
+              f"{r['decode_phase_s']:9.2f} {r['steps']:6} {100 * r['gpu_idle_fraction']:7.1f}")
     for sc in args.scenarios:
         firsts = {v: results[(v, sc)]["first_tokens"] for v in args.variants if (v, sc) in results}
         same = len({tuple(t) for t in firsts.values()}) == 1

@@ -22,6 +22,7 @@ from scheduler_proc.models.loader import load_model_config, resolve_dtype
 from scheduler_proc.request import Req
 from scheduler_proc.sampling import Sampler, SamplingBatch
 from scheduler_proc.scheduler import NeedsSync, ScheduleBatch, Scheduler
+from scheduler_proc.step_timeline import StepTimeline
 from server.config import ServerConfig
 from server.ipc import ErrorOutput, SamplingParams, SchedulerStats, TokenizedRequest, TokenOutput, TopLogprobs
 
@@ -98,6 +99,7 @@ class Engine:
         # Overlap is a device-side win; on CPU both loops are available (tests compare them).
         self.overlap = not config.disable_overlap and self.device.type == "cuda"
         self._inflight: Optional[StepResult] = None
+        self.timeline: Optional[StepTimeline] = None  # set by benchmarks to measure device idle time
         self.last_step_time = 0.0
         self.num_steps = 0
         self.generated_tokens = 0
@@ -185,6 +187,8 @@ class Engine:
         """Run the forward and sampling for `batch` without waiting for the device; every sampled
         request gets a placeholder output token that `_process` resolves."""
         t0 = time.perf_counter()
+        if self.timeline is not None:
+            self.timeline.begin()
         self.computed_tokens += batch.num_tokens
         echo = {it.req.rid for it in batch.items
                 if it.req.params.prompt_logprobs and it.start < len(it.req.input_ids)}
@@ -220,6 +224,8 @@ class Engine:
             item.req.num_computed += item.q_len
             item.req.inflight_steps += 1
         result = StepResult(batch, sampled, self.runner.to_host(out), time.perf_counter() - t0)
+        if self.timeline is not None:
+            self.timeline.end()
         return result
 
     def _process(self, result: StepResult) -> list[TokenOutput]:
