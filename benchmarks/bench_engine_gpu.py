@@ -8,7 +8,8 @@ Scenarios (random prompt token ids, EOS ignored so lengths are exact):
   NxIxO:         N requests at once, I in / O out: output tokens/s
 Variants: default (overlap + CUDA graphs), no-overlap, no-graph. Prints one table; also checks that
 greedy tokens are identical across variants for the first requests of each scenario.
-`idle %` is the device's idle time between steps over its busy + idle time (CUDA events around each
+`prefill s` runs until the last request has its first token (decodes of earlier requests run
+inside it); `decode tok/s` is the output rate after that. `idle %` is the device's idle time between steps over its busy + idle time (CUDA events around each
 step, see scheduler_proc/step_timeline.py). `--cprofile N` prints the N host functions with the most
 own time over an extra, profiled run of each default-variant scenario.
 """
@@ -80,6 +81,7 @@ def run(engine: Engine, n: int, inp: int, out: int, seed: int = 0) -> dict:
         "total_tok_s": (total_out + n * inp) / (t1 - t0),
         "prefill_phase_s": last_first - t0,
         "decode_phase_s": t1 - last_first,
+        "decode_tok_s": (total_out - n) / (t1 - last_first) if t1 > last_first else None,
         "ms_per_output_token_b1": (t1 - first[f"r{seed}-0"]) * 1000 / max(1, out - 1) if n == 1 else None,
         "steps": steps,
         "gpu_idle_fraction": timeline.idle_fraction,
@@ -95,6 +97,9 @@ def main() -> None:
     ap.add_argument("--scenarios", nargs="+", default=["b1", "b64"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--page-size", type=int, default=1)
+    ap.add_argument("--max-running-requests", type=int, default=256)
+    ap.add_argument("--cuda-graph-max-bs", type=int, default=None)
     ap.add_argument("--output", default=None)
     ap.add_argument("--cprofile", type=int, default=0, metavar="N",
                     help="print the N host functions with the most own time per default-variant scenario")
@@ -102,7 +107,9 @@ def main() -> None:
     results = {}
     for variant in args.variants:
         cfg = ServerConfig(model=args.model, tokenizer=args.tokenizer, load_format="dummy", device="cuda",
-                           attention_backend=args.attention_backend, max_running_requests=256,
+                           attention_backend=args.attention_backend, page_size=args.page_size,
+                           max_running_requests=args.max_running_requests,
+                           cuda_graph_max_bs=args.cuda_graph_max_bs or min(args.max_running_requests, 512),
                            chunked_prefill_size=8192, **VARIANTS[variant])
         t0 = time.perf_counter()
         engine = Engine(cfg)
@@ -128,11 +135,12 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     print(f"\n{torch.cuda.get_device_name()} | {args.model} | bf16 dummy weights")
-    print(f"{'variant':12} {'scenario':16} {'out tok/s':>10} {'ms/tok b1':>10} {'prefill s':>10} "
+    print(f"{'variant':12} {'scenario':16} {'out tok/s':>10} {'decode tok/s':>12} {'ms/tok b1':>10} {'prefill s':>10} "
           f"{'decode s':>9} {'steps':>6} {'idle %':>7}")
     for (variant, sc), r in results.items():
         b1 = f"{r['ms_per_output_token_b1']:.2f}" if r["ms_per_output_token_b1"] else "-"
-        print(f"{variant:12} {sc:16} {r['output_tok_s']:10.0f} {b1:>10} {r['prefill_phase_s']:10.2f} "
+        dec = f"{r['decode_tok_s']:.0f}" if r["decode_tok_s"] else "-"
+        print(f"{variant:12} {sc:16} {r['output_tok_s']:10.0f} {dec:>12} {b1:>10} {r['prefill_phase_s']:10.2f} "
               f"{r['decode_phase_s']:9.2f} {r['steps']:6} {100 * r['gpu_idle_fraction']:7.1f}")
     for sc in args.scenarios:
         firsts = {v: results[(v, sc)]["first_tokens"] for v in args.variants if (v, sc) in results}

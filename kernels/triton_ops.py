@@ -8,6 +8,8 @@ against; callers on CPU (or without Triton) use the reference directly.
 - `rotary_embedding`: neox-style RoPE on q and k in place, from a [max_pos, rot_dim] cos|sin cache.
 - `rmsnorm` / `fused_add_rmsnorm`: RMSNorm, and residual add + RMSNorm in one pass.
 - `gather_tokens`: next decode's input ids from the GPU token table (overlap scheduling).
+- `gather_kv_indices`: a step's flat page list from the device page table (one row per request).
+- `silu_and_mul`: the gated MLP activation, silu(gate) * up, in one pass.
 
 Tensors must be contiguous in their last dimension; the kernels take row strides so views of a
 fused qkv projection work without a copy.
@@ -236,3 +238,65 @@ def gather_tokens(token_table: torch.Tensor, req_slots: torch.Tensor, positions:
         _gather_tokens_kernel[(triton.cdiv(n, block),)](token_table, req_slots, positions, out, n,
                                                         token_table.stride(0), BLOCK=block)
     return out
+
+
+# ------------------------------------------------------------------------------- gather KV indices
+
+
+@triton.jit
+def _gather_kv_indices_kernel(table_ptr, slots_ptr, indptr_ptr, out_ptr, table_stride, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    row = tl.load(slots_ptr + b).to(tl.int64) * table_stride
+    start = tl.load(indptr_ptr + b)
+    n = tl.load(indptr_ptr + b + 1) - start
+    for off in range(0, n, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(out_ptr + start + offs, tl.load(table_ptr + row + offs, mask=mask), mask=mask)
+
+
+def gather_kv_indices(page_table: torch.Tensor, slots: torch.Tensor, kv_indptr: torch.Tensor,
+                      total: int) -> torch.Tensor:
+    """page_table: [rows, max_pages]; sequence b's pages are page_table[slots[b], :n_b] with
+    n_b = kv_indptr[b+1] - kv_indptr[b]; returns them concatenated ([total] = kv_indptr[-1]).
+    One launch; `total` comes from the host, so there is no sync. The torch definition it is
+    tested against is `scheduler_proc.page_table.gather_kv_indices_torch` (needed without Triton)."""
+    out = torch.empty(total, dtype=page_table.dtype, device=page_table.device)
+    if total:
+        _gather_kv_indices_kernel[(slots.shape[0],)](page_table, slots, kv_indptr, out, page_table.stride(0),
+                                                     BLOCK=1024)
+    return out
+
+
+# ------------------------------------------------------------------------------------ SiLU and mul
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, D, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    gate = tl.load(x_ptr + r * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + r * x_stride + D + offs, mask=mask, other=0.0)
+    # silu in float32, rounded to the activation dtype before the product (as torch's F.silu does)
+    act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+    tl.store(out_ptr + r * out_stride + offs, act * up, mask=mask)
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """x: [..., 2d] = [gate | up]; returns silu(gate) * up ([..., d])."""
+    d = x.shape[-1] // 2
+    return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """Same contract as `silu_and_mul_ref`: one read of gate and up, one write (torch needs three
+    kernels over strided halves)."""
+    x2 = _rows(x)
+    d = x2.shape[1] // 2
+    out = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        block = 1024
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, out, x2.stride(0), out.stride(0), d,
+                                                                    BLOCK=block, num_warps=4)
+    return out.view(*x.shape[:-1], d)

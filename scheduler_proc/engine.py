@@ -187,12 +187,12 @@ class Engine:
         """Run the forward and sampling for `batch` without waiting for the device; every sampled
         request gets a placeholder output token that `_process` resolves."""
         t0 = time.perf_counter()
-        if self.timeline is not None:
-            self.timeline.begin()
         self.computed_tokens += batch.num_tokens
         echo = {it.req.rid for it in batch.items
                 if it.req.params.prompt_logprobs and it.start < len(it.req.input_ids)}
         fwd = self.runner.prepare(batch, echo)
+        if self.timeline is not None:  # after the host work: the device waits for it
+            self.timeline.begin()
         logits = self.runner.forward(fwd)
 
         sample_rows, sampled, echo_rows = [], [], []
@@ -274,6 +274,7 @@ class Engine:
 
     def _retire(self, req: Req) -> None:
         self.scheduler.remove(req)
+        self.runner.page_table.release(req)
         self.requests.pop(req.rid, None)
         req.grammar = None  # frees the matcher
 

@@ -11,6 +11,7 @@ import torch
 from kernels import create_attention_backend
 from kernels.base import AttentionBatch, AttentionContext, KVCache
 from scheduler_proc.models.loader import ModelSpec, load_model
+from scheduler_proc.page_table import PageTable, to_device
 from scheduler_proc.scheduler import ScheduleBatch
 from server.config import ServerConfig
 
@@ -96,6 +97,9 @@ class ModelRunner:
         num_kv_heads = max(1, hf.num_key_value_heads // tp_size)
         self.backend = create_attention_backend(config.attention_backend, num_q_heads, num_kv_heads,
                                                 head_dim, device=device, dtype=dtype)
+        # Allocated before the KV pool is sized from what memory is left.
+        self.page_table = PageTable(config.max_running_requests + 32, -(-spec.max_model_len // self.page_size) + 1,
+                                    device)
         num_pages = self._num_pages(hf.num_hidden_layers, num_kv_heads, head_dim)
         self.kv_cache = KVCache(hf.num_hidden_layers, num_pages, self.page_size, num_kv_heads, head_dim,
                                 dtype, device)
@@ -129,31 +133,31 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ one step
 
-    def prepare(self, batch: ScheduleBatch, extra_logit_rows: Optional[dict] = None) -> ForwardInput:
+    def prepare(self, batch: ScheduleBatch, extra_logit_rows: Optional[set] = None) -> ForwardInput:
         """Flatten the batch into token-level tensors.
 
-        Logits are computed for each sampled item's last token, plus, for items listed in
-        `extra_logit_rows` (prompt logprobs), every token of the item in order.
+        Host work is O(new tokens + sequences): the page list (O(context)) is gathered on the
+        device from the page table. Logits are computed for each sampled item's last token, plus,
+        for items listed in `extra_logit_rows` (prompt logprobs), every token of the item in order.
         """
         ps = self.page_size
         input_ids: list[int] = []
         positions: list[int] = []
         out_loc: list[int] = []
-        qo_indptr, kv_indptr, kv_indices = [0], [0], []
-        seq_lens, prefix_lens, q_lens = [], [], []
+        qo_indptr, kv_indptr = [0], [0]
+        seq_lens, prefix_lens, q_lens, page_counts = [], [], [], []
         logit_rows: list[int] = []
         for item in batch.items:
             req, start, q = item.req, item.start, item.q_len
             end = start + q
             row0 = len(input_ids)
-            input_ids += req.all_ids[start:end]
-            pos = range(start, end)
-            positions += pos
+            input_ids += req.token_ids(start, end)
+            positions += range(start, end)
             pages = req.pages
-            out_loc += [pages[p // ps] * ps + p % ps for p in pos]
+            out_loc += [pages[p // ps] * ps + p % ps for p in range(start, end)]
             n_pages = -(-end // ps)
-            kv_indices += pages[:n_pages]
-            kv_indptr.append(len(kv_indices))
+            page_counts.append(n_pages)
+            kv_indptr.append(kv_indptr[-1] + n_pages)
             qo_indptr.append(len(input_ids))
             seq_lens.append(end)
             prefix_lens.append(start)
@@ -163,15 +167,12 @@ class ModelRunner:
             elif item.sample:
                 logit_rows.append(row0 + q - 1)
 
-        dev = self.device
-
-        def t(xs, dtype=torch.int32):
-            # Built on the host, copied without blocking so the CPU never waits for a running step.
-            host = torch.tensor(xs, dtype=dtype)
-            return host if dev.type == "cpu" else host.pin_memory().to(dev, non_blocking=True)
-
+        slots = self.page_table.sync([it.req for it in batch.items], page_counts)
+        t = self._to_device
+        kv_indptr_dev = t(kv_indptr)
         attn = AttentionBatch(
-            qo_indptr=t(qo_indptr), kv_indptr=t(kv_indptr), kv_indices=t(kv_indices),
+            qo_indptr=t(qo_indptr), kv_indptr=kv_indptr_dev,
+            kv_indices=self.page_table.kv_indices(t(slots), kv_indptr_dev, kv_indptr[-1]),
             seq_lens=t(seq_lens), prefix_lens=t(prefix_lens), out_cache_loc=t(out_loc, torch.int64),
             positions=t(positions, torch.int64), q_lens_cpu=q_lens, seq_lens_cpu=seq_lens, page_size=ps,
         )
@@ -179,6 +180,9 @@ class ModelRunner:
         if min(input_ids) < 0:
             ids = self.futures.resolve(ids)
         return ForwardInput(ids, attn, t(logit_rows, torch.int64), len(logit_rows))
+
+    def _to_device(self, xs: list, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        return to_device(torch.tensor(xs, dtype=dtype), self.device)
 
     @torch.inference_mode()
     def forward(self, fwd: ForwardInput) -> torch.Tensor:

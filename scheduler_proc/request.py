@@ -48,10 +48,26 @@ class Req:
     num_resolved: int = 0
     inflight_steps: int = 0  # launched steps whose results are not processed yet
     grammar: Any = None  # per-request grammar matcher state (structured outputs)
+    # The device page table's row for this request and how many leading `pages` it mirrors
+    # (scheduler_proc/page_table.py); `set_pages` invalidates the mirror.
+    table_slot: int = -1
+    table_len: int = 0
 
     @property
     def all_ids(self) -> list[int]:
         return self.input_ids + self.output_ids
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """all_ids[start:end] without concatenating the whole sequence (a decode reads one token)."""
+        n = len(self.input_ids)
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return self.input_ids[start:end] + self.output_ids[:max(0, end - n)]
+
+    def set_pages(self, pages: list[int]) -> None:
+        """Replace the page list (admission, prefix caching, release); appending needs no call."""
+        self.pages = pages
+        self.table_len = 0
 
     @property
     def seq_len(self) -> int:

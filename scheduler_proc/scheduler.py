@@ -158,7 +158,7 @@ class Scheduler:
             if available - reserved - needed < len(self.running):
                 self.cache.unlock(match.node)
                 return None
-        req.pages = list(match.pages)
+        req.set_pages(list(match.pages))
         req.num_tree_pages = len(match.pages)
         req.node = match.node
         req.num_computed = match.num_tokens
@@ -218,7 +218,9 @@ class Scheduler:
         full, key = self._hand_to_cache(req)
         match = self.cache.match_prefix(key)
         self.cache.lock(match.node)
-        req.pages = list(match.pages) + req.pages[full:]
+        pages = list(match.pages) + req.pages[full:]
+        if pages != req.pages:  # the cache kept a copy it already had: point at that one
+            req.set_pages(pages)
         req.num_tree_pages, req.node = len(match.pages), match.node
 
     def _hand_to_cache(self, req: Req) -> tuple[int, list[int]]:
@@ -236,7 +238,8 @@ class Scheduler:
         """Give the request's KV up: computed full pages to the cache, the rest to the allocator."""
         full, _ = self._hand_to_cache(req)
         self.allocator.free(req.pages[full:])
-        req.pages, req.num_tree_pages, req.node, req.num_computed = [], 0, None, 0
+        req.set_pages([])
+        req.num_tree_pages, req.node, req.num_computed = 0, None, 0
 
     # ------------------------------------------------------------------ accounting
 

@@ -150,6 +150,18 @@ def test_triton_ops_match_references(dtype):
     positions = torch.randint(0, 4096, (200,), device=dev, generator=g)
     assert torch.equal(ops.gather_tokens(table, slots, positions), ops.gather_tokens_ref(table, slots, positions))
 
+    from scheduler_proc.page_table import gather_kv_indices_torch
+    counts = torch.randint(0, 4096, (64,), generator=torch.Generator().manual_seed(1))
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32).to(dev)
+    slots = torch.randperm(300, device=dev, generator=g)[:64].to(torch.int32)
+    total = int(counts.sum())
+    assert torch.equal(ops.gather_kv_indices(table, slots, indptr, total),
+                       gather_kv_indices_torch(table, slots, indptr, total))
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(37, 2 * 14336, device=dev, generator=g).to(dtype)
+        torch.testing.assert_close(ops.silu_and_mul(x), ops.silu_and_mul_ref(x), atol=1e-2, rtol=1e-2)
+
 
 # ------------------------------------------------------------------------------ CUDA graphs
 

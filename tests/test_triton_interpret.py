@@ -106,9 +106,21 @@ def test_ops_match_references():
     torch.testing.assert_close(r1, r2)
     torch.testing.assert_close(ops.rmsnorm(x.view(2, 3, 40), w, 1e-6), ops.rmsnorm_ref(x.view(2, 3, 40), w, 1e-6))
 
+    from scheduler_proc.page_table import gather_kv_indices_torch
+
     table = torch.randint(0, 1000, (10, 20), generator=g)
     slots, positions = torch.tensor([3, 0, 9]), torch.tensor([19, 0, 5])
     assert torch.equal(ops.gather_tokens(table, slots, positions), ops.gather_tokens_ref(table, slots, positions))
+
+    page_table = torch.randint(1, 5000, (6, 3000), dtype=torch.int32, generator=g)
+    slots, counts = torch.tensor([4, 0, 5], dtype=torch.int32), [2500, 1, 0]
+    indptr = torch.tensor([0, 2500, 2501, 2501], dtype=torch.int32)
+    got = ops.gather_kv_indices(page_table, slots, indptr, sum(counts))
+    assert torch.equal(got, gather_kv_indices_torch(page_table, slots, indptr, sum(counts)))
+    assert torch.equal(got, torch.cat([page_table[4, :2500], page_table[0, :1]]))
+
+    x = torch.randn(3, 2, 2 * 1500, generator=g)
+    torch.testing.assert_close(ops.silu_and_mul(x), ops.silu_and_mul_ref(x))
 
 
 @in_child

@@ -29,7 +29,7 @@ class ShardingError(ValueError):
 
 @functools.lru_cache(maxsize=None)
 def cuda_fused_ops() -> Optional[ModuleType]:
-    """`kernels.triton_ops` (fused RMSNorm / RoPE kernels) when Triton is importable, else None.
+    """`kernels.triton_ops` (fused RMSNorm / RoPE / SiLU-and-mul kernels) when Triton is importable, else None.
 
     Used for CUDA tensors only: on GPU the torch chains cost 6-24x more (docs/benchmarks.md).
     """
@@ -285,6 +285,9 @@ class SiluAndMul(nn.Module):
     """silu(gate) * up for x = [gate | up] along the last dimension."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = cuda_fused_ops() if x.is_cuda else None
+        if ops is not None:
+            return ops.silu_and_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
 

@@ -1,0 +1,68 @@
+"""Where a decode step's device time goes: CUDA kernels of steady-state engine steps, by kernel.
+
+    python benchmarks/profile_gpu_step.py --tokenizer DIR [--model configs/llama-3.1-8b.json]
+        [--batches 1 64] [--context 512] [--steps 20] [--disable-cuda-graph]
+
+For each batch size, `--batches` requests of `--context` random tokens are prefilled, then
+`--steps` decode steps run under torch.profiler (kernels inside CUDA graphs are traced too). Prints
+per-step device time of the top kernels and the sum, next to the wall time per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from scheduler_proc.engine import Engine
+from server.config import ServerConfig
+from server.ipc import SamplingParams, TokenizedRequest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="configs/llama-3.1-8b.json")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--disable-cuda-graph", action="store_true")
+    args = ap.parse_args()
+    cfg = ServerConfig(model=args.model, tokenizer=args.tokenizer, load_format="dummy", device="cuda",
+                       max_running_requests=256, chunked_prefill_size=8192,
+                       disable_cuda_graph=args.disable_cuda_graph)
+    engine = Engine(cfg)
+    rng = random.Random(0)
+    for bs in args.batches:
+        params = SamplingParams(max_new_tokens=args.steps * 3 + 8, temperature=0.0, ignore_eos=True)
+        for i in range(bs):
+            ids = [rng.randrange(100, engine.vocab_size - 100) for _ in range(args.context)]
+            engine.add_request(TokenizedRequest(rid=f"b{bs}-{i}", input_ids=ids, params=params, stream=True))
+        for _ in range(args.steps):  # prefill and warm-up decode steps
+            engine.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) / args.steps
+        while engine.has_work():
+            engine.step()
+        events = [e for e in prof.key_averages() if e.device_time_total > 0]
+        events.sort(key=lambda e: e.device_time_total, reverse=True)
+        total = sum(e.device_time_total for e in events) / args.steps / 1000
+        print(f"\nbatch {bs}: wall {wall * 1000:.3f} ms/step, kernels {total:.3f} ms/step "
+              f"(graphs={engine.runner.graphs is not None})")
+        print(f"{'kernel':90} {'calls/step':>10} {'ms/step':>8} {'%':>5}")
+        for e in events[: args.top]:
+            ms = e.device_time_total / args.steps / 1000
+            print(f"{e.key[:90]:90} {e.count / args.steps:10.1f} {ms:8.3f} {100 * ms / total:5.1f}")
+
+
+if __name__ == "__main__":
+    main()
