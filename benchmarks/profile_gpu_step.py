@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--disable-cuda-graph", action="store_true")
+    ap.add_argument("--phase", choices=["decode", "prefill"], default="decode",
+                    help="prefill: profile the first --steps steps (the prompts' chunks) instead")
     args = ap.parse_args()
     cfg = ServerConfig(model=args.model, tokenizer=args.tokenizer, load_format="dummy", device="cuda",
                        max_running_requests=256, chunked_prefill_size=8192,
@@ -42,8 +44,9 @@ def main() -> None:
         for i in range(bs):
             ids = [rng.randrange(100, engine.vocab_size - 100) for _ in range(args.context)]
             engine.add_request(TokenizedRequest(rid=f"b{bs}-{i}", input_ids=ids, params=params, stream=True))
-        for _ in range(args.steps):  # prefill and warm-up decode steps
-            engine.step()
+        if args.phase == "decode":
+            for _ in range(args.steps):  # prefill and warm-up decode steps
+                engine.step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
@@ -56,7 +59,7 @@ def main() -> None:
         events = [e for e in prof.key_averages() if e.device_time_total > 0]
         events.sort(key=lambda e: e.device_time_total, reverse=True)
         total = sum(e.device_time_total for e in events) / args.steps / 1000
-        print(f"\nbatch {bs}: wall {wall * 1000:.3f} ms/step, kernels {total:.3f} ms/step "
+        print(f"\n{args.phase} batch {bs}: wall {wall * 1000:.3f} ms/step, kernels {total:.3f} ms/step "
               f"(graphs={engine.runner.graphs is not None})")
         print(f"{'kernel':90} {'calls/step':>10} {'ms/step':>8} {'%':>5}")
         for e in events[: args.top]:

@@ -23,12 +23,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from kernels.base import AttentionBatch, BaseAttentionBackend, KVCache
-from kernels.mixed_split import split_mixed
+from kernels.mixed_split import SubBatch, split_mixed
 from kernels.triton_ops import store_kv
 
 DEFAULT_WORKSPACE_BYTES = 256 << 20
@@ -48,12 +48,17 @@ def _import_flashinfer():
 
 @dataclass
 class _Part:
-    """One planned wrapper and the token rows it covers (None: every row, in order)."""
+    """One planned wrapper and the token rows it covers (None: every row, in order; a slice:
+    a contiguous range; a tensor: those rows)."""
 
     wrapper: object
     is_decode: bool
     plan_args: tuple
-    rows: Optional[torch.Tensor] = None
+    rows: Union[None, slice, torch.Tensor] = None
+
+
+def _rows(part: SubBatch) -> Union[slice, torch.Tensor]:
+    return slice(*part.row_range) if part.row_range is not None else part.rows
 
 
 @dataclass
@@ -146,9 +151,9 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
             dec, ext = split
             dec_pages = batch.kv_indices[dec.page_idx]
             ext_pages = batch.kv_indices[ext.page_idx]
-            parts = [_Part(self._decode, True, (dec.kv_indptr, dec_pages, dec.last_page_len), dec.rows),
+            parts = [_Part(self._decode, True, (dec.kv_indptr, dec_pages, dec.last_page_len), _rows(dec)),
                      _Part(self._prefill, False, (ext.qo_indptr, ext.kv_indptr, ext_pages, ext.last_page_len),
-                           ext.rows)]
+                           _rows(ext))]
         meta = FlashInferMeta(parts, batch.out_cache_loc)
         if self.dtype is not None:
             self._plan(meta, self.dtype)
@@ -163,9 +168,13 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
         paged = (kv_cache.k[layer], kv_cache.v[layer])
         if len(meta.parts) == 1:
             return meta.parts[0].wrapper.run(q.contiguous(), paged)
+        q = q.contiguous()
         out = torch.empty_like(q)
         for part in meta.parts:
-            out.index_copy_(0, part.rows, part.wrapper.run(q.index_select(0, part.rows), paged))
+            if isinstance(part.rows, slice):  # contiguous rows: views, no gather / scatter copies
+                part.wrapper.run(q[part.rows], paged, out=out[part.rows])
+            else:
+                out.index_copy_(0, part.rows, part.wrapper.run(q.index_select(0, part.rows), paged))
         return out
 
     # ---------------------------------------------------------------------------- CUDA graphs

@@ -10,7 +10,7 @@ per-sequence lists (no device sync); the results are copied to the device once p
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -21,6 +21,8 @@ class SubBatch(NamedTuple):
     On `device` (int64): seq_ids [n] (which sequences, batch order), rows [t] (their token rows in
     the full batch), page_idx [p] (positions of their pages in the full batch's kv_indices).
     On the host (int32, what a planner reads): qo_indptr, kv_indptr [n+1], last_page_len [n].
+    `row_range` is (first, end) when the rows are one contiguous range (the scheduler puts decodes
+    first, so that is the usual case): kernels then read and write row views instead of copies.
     """
 
     seq_ids: torch.Tensor
@@ -31,6 +33,7 @@ class SubBatch(NamedTuple):
     last_page_len: torch.Tensor
     q_lens: list[int]
     seq_lens: list[int]
+    row_range: Optional[tuple[int, int]] = None
 
 
 def _exclusive_cumsum(xs: list[int]) -> list[int]:
@@ -66,9 +69,11 @@ def subset(q_lens: list[int], seq_lens: list[int], page_size: int, ids: list[int
     page_idx = torch.repeat_interleave(packed[3 * n:4 * n], packed[4 * n:], output_size=p)
     page_idx += torch.arange(p, device=device)
     i32 = torch.int32
+    contiguous = ids[-1] - ids[0] == n - 1
     return SubBatch(packed[:n], rows, page_idx, torch.tensor(qo_indptr, dtype=i32),
                     torch.tensor(kv_indptr, dtype=i32),
-                    torch.tensor([(s - 1) % page_size + 1 for s in sub_seq], dtype=i32), sub_q, sub_seq)
+                    torch.tensor([(s - 1) % page_size + 1 for s in sub_seq], dtype=i32), sub_q, sub_seq,
+                    (qo_start[ids[0]], qo_start[ids[-1] + 1]) if contiguous else None)
 
 
 def split_mixed(q_lens: list[int], seq_lens: list[int], page_size: int,

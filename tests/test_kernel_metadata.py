@@ -46,3 +46,8 @@ def test_split_mixed_batches():
     assert ext.page_idx.tolist() == [2, 3, 4, 6, 7] and ext.kv_indptr.tolist() == [0, 3, 5]
     assert dec.last_page_len.tolist() == [1, 1] and ext.last_page_len.tolist() == [1, 4]
     assert dec.seq_lens == [5, 1] and ext.q_lens == [3, 2]
+    assert dec.row_range is None and ext.row_range is None  # interleaved: rows are gathered
+    # the scheduler's order (decodes first): each part is one contiguous range of rows
+    dec, ext = split_mixed([1, 1, 3, 2], [5, 1, 9, 8], 4)
+    assert (dec.row_range, ext.row_range) == ((0, 2), (2, 7))
+    assert dec.rows.tolist() == [0, 1] and ext.rows.tolist() == [2, 3, 4, 5, 6]
