@@ -15,6 +15,7 @@ import torch
 
 from scheduler_proc.engine import Engine
 from scheduler_proc.models.embedded import ensure_embedded_model
+from server.bench.tokenizer import chat_token_ids
 from server.config import ServerConfig
 from server.ipc import SamplingParams
 
@@ -25,8 +26,7 @@ def prompts(tok, n: int) -> list[list[int]]:
     out = []
     for i in range(n):
         msg = f"Tell me a story about {TOPICS[i % len(TOPICS)]} number {i}."
-        ids = tok.apply_chat_template([{"role": "user", "content": msg}], add_generation_prompt=True)
-        out.append(list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids))
+        out.append(chat_token_ids(tok, [{"role": "user", "content": msg}], add_generation_prompt=True))
     return out
 
 

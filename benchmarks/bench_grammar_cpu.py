@@ -15,6 +15,7 @@ import json
 import time
 
 from scheduler_proc.engine import Engine
+from server.bench.tokenizer import chat_token_ids
 from server.config import ServerConfig
 from server.ipc import GrammarSpec, SamplingParams
 
@@ -35,8 +36,7 @@ def prompts(tok, n: int) -> list[list[int]]:
     out = []
     for i in range(n):
         msg = f"List people number {i} as JSON with name, age, role and email."
-        ids = tok.apply_chat_template([{"role": "user", "content": msg}], add_generation_prompt=True)
-        out.append(list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids))
+        out.append(chat_token_ids(tok, [{"role": "user", "content": msg}], add_generation_prompt=True))
     return out
 
 

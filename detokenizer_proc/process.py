@@ -16,7 +16,7 @@ import zmq
 
 from server import ipc
 from server.config import ServerConfig
-from server.process_util import IpcPaths, ModelInfo, pull_socket, push_socket, report_failure, report_ready, setup_child
+from server.process_util import IpcPaths, ModelInfo, start_child
 from detokenizer_proc.incremental import IncrementalDetokenizer
 from tokenizer_proc.tokenizer import TextTokenizer
 
@@ -77,16 +77,9 @@ class DetokenizerWorker:
 
 def run_detokenizer(config: ServerConfig, paths: IpcPaths, info: ModelInfo, ready_conn) -> None:
     """Process entry point."""
-    setup_child("skiff-detok", config.log_level)
-    try:
-        worker = DetokenizerWorker(TextTokenizer(info.tokenizer_path))
-        ctx = zmq.Context()
-        inbox = pull_socket(ctx, paths.detokenizer)
-        to_server = push_socket(ctx, paths.server)
-    except BaseException as e:
-        report_failure(ready_conn, e)
-        raise
-    report_ready(ready_conn)
+    worker, inbox, (to_server,) = start_child(
+        "skiff-detok", config.log_level, ready_conn, lambda: DetokenizerWorker(TextTokenizer(info.tokenizer_path)),
+        paths.detokenizer, [paths.server])
     decoder = ipc.make_decoder(ipc.SchedulerOutbound)
     while True:
         frames = [inbox.recv()]

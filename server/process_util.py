@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import zmq
 
@@ -107,3 +107,32 @@ def report_failure(conn, error: BaseException) -> None:
         conn.close()
     except (OSError, ValueError):
         pass
+
+
+class ChildStart(NamedTuple):
+    """What `start_child` hands a child's main loop."""
+
+    worker: Any  # what `build()` returned
+    inbox: zmq.Socket  # PULL, bound
+    outboxes: list[zmq.Socket]  # PUSH, connected, in the order their addresses were given
+
+
+def start_child(name: str, log_level: str, ready_conn, build: Callable[[], Any], inbox: str,
+                outboxes: Sequence[str]) -> ChildStart:
+    """The start-up of a socket-driven child process (tokenizer, detokenizer).
+
+    `setup_child`, then `build()` its worker, bind `inbox` and connect `outboxes`, then report
+    ready to the supervisor. A failure in any of these is reported to the supervisor (which
+    then stops the server with that message) and re-raised.
+    """
+    setup_child(name, log_level)
+    try:
+        worker = build()
+        ctx = zmq.Context()
+        pull = pull_socket(ctx, inbox)
+        pushes = [push_socket(ctx, addr) for addr in outboxes]
+    except BaseException as e:
+        report_failure(ready_conn, e)
+        raise
+    report_ready(ready_conn)
+    return ChildStart(worker, pull, pushes)

@@ -59,11 +59,13 @@ def pid_alive(pid: int) -> bool:
 
 
 class SkiffServer:
-    """`python -m server ...` on a free port; `start()` returns once /health says 200."""
+    """`python -m server ...` on a free port; `start()` returns once /health says 200.
 
-    def __init__(self, *args: str, api_key: Optional[str] = None):
+    Runs on the CPU in float32 unless `device` / `dtype` say otherwise (the GPU tests)."""
+
+    def __init__(self, *args: str, api_key: Optional[str] = None, device: str = "cpu", dtype: str = "float32"):
         self.port = free_port()
-        self.args = ["--dtype", "float32", "--device", "cpu", "--port", str(self.port), *args]
+        self.args = ["--dtype", dtype, "--device", device, "--port", str(self.port), *args]
         if api_key:
             self.args += ["--api-key", api_key]
         self.api_key = api_key

@@ -7,6 +7,7 @@ import torch
 
 from scheduler_proc.engine import Engine, EngineError
 from scheduler_proc.models.embedded import ensure_embedded_model
+from server.bench.tokenizer import chat_token_ids
 from server.config import ServerConfig
 from server.ipc import SamplingParams, TokenizedRequest
 
@@ -31,8 +32,7 @@ def _prompts(tok) -> list[list[int]]:
         _PARAGRAPH * 9 + "Name one consequence.",
         _PARAGRAPH * 11 + "Continue the story:",
     ]
-    chats = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
-    ids = [list(c["input_ids"]) if hasattr(c, "keys") else list(c) for c in chats]
+    ids = [chat_token_ids(tok, [{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
     assert min(map(len, ids)) >= 5 and max(map(len, ids)) <= 500, [len(x) for x in ids]
     return ids
 
@@ -190,9 +190,8 @@ def test_abort_frees_kv(engine, hf_reference):
 
 def test_text_prompt_and_chat_answer(engine):
     tok = engine.tokenizer
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True)
-    ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+    ids = chat_token_ids(tok, [{"role": "user", "content": "What is the capital of France?"}],
+                         add_generation_prompt=True)
     (out,) = engine.generate([ids], SamplingParams(max_new_tokens=20, temperature=0.0))
     assert tok.decode(out.output_ids, skip_special_tokens=True).strip() == "The capital of France is Paris."
     assert out.finish_reason == "stop"

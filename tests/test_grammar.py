@@ -25,6 +25,7 @@ from scheduler_proc.grammar import (  # noqa: E402
 )
 from scheduler_proc.grammar_backend import REJECTED, TERMINATED, GrammarBackend  # noqa: E402
 from scheduler_proc.request import Req  # noqa: E402
+from server.bench.tokenizer import chat_token_ids  # noqa: E402
 from server.ipc import GrammarSpec, SamplingParams  # noqa: E402
 from server.structured import parse_tool_calls, plan_tools  # noqa: E402
 
@@ -405,8 +406,7 @@ def test_engine_integration(tokenizer):
     eng = Engine(ServerConfig(model=_model_dir(), dtype="float32", device="cpu"))
 
     def chat(text):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        return list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+        return chat_token_ids(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
 
     schema = SCHEMAS["int_ranges"]
     spec = GrammarSpec("json_schema", json.dumps(schema))

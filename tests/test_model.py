@@ -28,6 +28,7 @@ from scheduler_proc.models.llama import LlamaForCausalLM, UnsupportedModelError,
 from scheduler_proc.models.loader import (
     ModelLoadError, load_model, load_model_config, resolve_dtype,
 )
+from server.bench.tokenizer import chat_token_ids
 from server.config import ServerConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,8 +124,7 @@ def smol_prompts(smol_dir) -> list[list[int]]:
              "List three prime numbers and explain why they are prime."]
     out = []
     for text in chats:
-        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        out.append(list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids))
+        out.append(chat_token_ids(tok, [{"role": "user", "content": text}], add_generation_prompt=True))
     out.append(tok("The quick brown fox jumps over the lazy dog. " * 3)["input_ids"])
     out.append(tok("1 2 3")["input_ids"])
     return out

@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from conftest import SERVER_MAX_MODEL_LEN, SkiffServer, pid_alive
+from server.bench.tokenizer import chat_token_ids
 
 pytestmark = pytest.mark.slow
 
@@ -124,8 +125,7 @@ def test_greedy_chat_equals_in_process_engine(client, model, engine):
 
     for question in (QUESTION, "Write a haiku about the sea."):
         res = client.chat.completions.create(model=model, messages=_chat(question), temperature=0, max_tokens=16)
-        ids = engine.tokenizer.apply_chat_template(_chat(question), add_generation_prompt=True)
-        ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+        ids = chat_token_ids(engine.tokenizer, _chat(question), add_generation_prompt=True)
         ref = engine.generate([ids], SamplingParams(max_new_tokens=16, temperature=0.0))[0]
         ref_text = engine.tokenizer.decode(ref.output_ids, skip_special_tokens=True)
         assert res.choices[0].message.content == ref_text
@@ -228,8 +228,7 @@ def test_max_tokens_defaults_to_rest_of_context(client, model):
 def test_stop_strings_across_token_boundaries(server, client, model, engine):
     from server.ipc import SamplingParams
 
-    ids = engine.tokenizer.apply_chat_template(_chat(QUESTION), add_generation_prompt=True)
-    ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+    ids = chat_token_ids(engine.tokenizer, _chat(QUESTION), add_generation_prompt=True)
     out = engine.generate([ids], SamplingParams(max_new_tokens=20, temperature=0.0))[0].output_ids
     pieces = [engine.tokenizer.decode(out[: i + 1], skip_special_tokens=True) for i in range(len(out))]
     full = pieces[-1]
@@ -333,8 +332,7 @@ def test_tokenize_detokenize(server, model, engine):
     assert res["tokens"] == engine.tokenizer.encode("Hello world")
     assert res["count"] == len(res["tokens"]) and res["max_model_len"] == SERVER_MAX_MODEL_LEN
     chat = httpx.post(server.url + "/tokenize", json={"messages": _chat(QUESTION)}).json()
-    ids = engine.tokenizer.apply_chat_template(_chat(QUESTION), add_generation_prompt=True)
-    assert chat["tokens"] == (list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids))
+    assert chat["tokens"] == chat_token_ids(engine.tokenizer, _chat(QUESTION), add_generation_prompt=True)
     back = httpx.post(server.url + "/detokenize", json={"tokens": res["tokens"]}).json()
     assert back == {"prompt": "Hello world"}
     assert httpx.post(server.url + "/detokenize", json={"tokens": [10 ** 7]}).status_code == 400

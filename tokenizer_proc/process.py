@@ -10,11 +10,10 @@ from __future__ import annotations
 import logging
 
 import msgspec
-import zmq
 
 from server import ipc
 from server.config import ServerConfig
-from server.process_util import IpcPaths, ModelInfo, pull_socket, push_socket, report_failure, report_ready, setup_child
+from server.process_util import IpcPaths, ModelInfo, start_child
 from tokenizer_proc.tokenizer import TextTokenizer, TokenizerError
 
 logger = logging.getLogger(__name__)
@@ -92,17 +91,10 @@ class TokenizerWorker:
 
 def run_tokenizer(config: ServerConfig, paths: IpcPaths, info: ModelInfo, ready_conn) -> None:
     """Process entry point."""
-    setup_child("skiff-tokenizer", config.log_level)
-    try:
-        worker = TokenizerWorker(TextTokenizer(info.tokenizer_path), info)
-        ctx = zmq.Context()
-        inbox = pull_socket(ctx, paths.tokenizer)
-        to_scheduler = push_socket(ctx, paths.scheduler)
-        to_server = push_socket(ctx, paths.server)
-    except BaseException as e:
-        report_failure(ready_conn, e)
-        raise
-    report_ready(ready_conn)
+    worker, inbox, (to_scheduler, to_server) = start_child(
+        "skiff-tokenizer", config.log_level, ready_conn,
+        lambda: TokenizerWorker(TextTokenizer(info.tokenizer_path), info),
+        paths.tokenizer, [paths.scheduler, paths.server])
     decoder = ipc.make_decoder(ipc.TokenizerInbound)
     while True:
         msg = decoder.decode(inbox.recv())

@@ -1,4 +1,5 @@
-"""Finding the tokenizer of the served model, so prompt lengths are counted as the server counts them.
+"""Finding the tokenizer of the served model, so prompt lengths are counted as the server counts them,
+and `chat_token_ids`: a chat's token ids from a transformers tokenizer (benchmarks and tests).
 
 transformers (and with it torch) is imported only when a tokenizer is actually loaded: this module
 lives under server/, whose modules must stay light to import.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from server.config import EMBEDDED_MODEL_NAME
 
@@ -62,3 +63,13 @@ def load_tokenizer(tokenizer: Optional[str], model: str) -> Any:
     if model != EMBEDDED_MODEL_NAME:
         log.warning("no tokenizer found for %r; counting tokens with the embedded SmolLM2 tokenizer", model)
     return tok
+
+
+def chat_token_ids(tokenizer: Any, messages: Sequence[dict], **kwargs: Any) -> list[int]:
+    """Token ids of `messages` rendered by a transformers tokenizer's chat template.
+
+    `kwargs` go to `apply_chat_template` (e.g. `add_generation_prompt=True`). transformers 4 returns
+    a list there and transformers 5 a BatchEncoding; this returns the plain list either way.
+    """
+    ids = tokenizer.apply_chat_template(messages, **kwargs)
+    return list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
