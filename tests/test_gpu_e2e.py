@@ -117,8 +117,11 @@ def test_prompt_logprobs_match_hf_transformers():
     from scheduler_proc.models.loader import load_model_config, resolve_dtype
     from server.config import ServerConfig
 
-    config = ServerConfig(model=str(CONFIG), load_format="dummy", seed=WEIGHT_SEED, device=DEVICE, dtype=DTYPE,
-                          max_total_tokens=MAX_TOTAL_TOKENS)
+    # The tokenizer is not used here, but a dummy config otherwise resolves the embedded one, which
+    # a GPU box without a package registry cannot fetch.
+    tokenizer = str(TOKENIZER) if (TOKENIZER / "tokenizer.json").is_file() else None
+    config = ServerConfig(model=str(CONFIG), tokenizer=tokenizer, load_format="dummy", seed=WEIGHT_SEED,
+                          device=DEVICE, dtype=DTYPE, max_total_tokens=MAX_TOTAL_TOKENS)
     spec = load_model_config(config)
     ids = torch.randint(0, spec.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(2024)).tolist()
     dtype = resolve_dtype(DTYPE, DEVICE)
