@@ -126,9 +126,9 @@ def test_prompt_logprobs_match_hf_transformers():
     ids = torch.randint(0, spec.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(2024)).tolist()
     dtype = resolve_dtype(DTYPE, DEVICE)
     ref = hf_reference(spec.hf_config, ids, WEIGHT_SEED, DEVICE, dtype, dtype)
-    # Diagnostic only: how far HF's own low-precision run is from float32 activations on the same
-    # weights (the size of the noise the bounds below must absorb).
-    floor = None
+    # How far HF's own low-precision run is from float32 activations on the same weights: the
+    # bf16 noise that Skiff's own bf16 error is judged against.
+    floor = exact = None
     if dtype != torch.float32:
         exact = hf_reference(spec.hf_config, ids, WEIGHT_SEED, DEVICE, torch.float32, dtype)
         floor = (ref.logprobs - exact.logprobs).abs()
@@ -150,17 +150,24 @@ def test_prompt_logprobs_match_hf_transformers():
                f"{agree:.3f} on {int(clear.sum())}/{len(clear)} positions with HF margin > 0.1; "
                f"HF logprob mean {ref.logprobs.mean():.2f}")
     if floor is not None:
-        summary += f"; HF {DTYPE} vs HF float32 activations: mean {floor.mean():.4f} max {floor.max():.4f}"
+        ours_err = (ours - exact.logprobs).abs()
+        summary += (f"; vs HF float32 activations: Skiff mean {ours_err.mean():.4f} max {ours_err.max():.4f}, "
+                    f"HF {DTYPE} mean {floor.mean():.4f} max {floor.max():.4f}")
     print(summary)
     # Tolerance. Two bf16 implementations of one network (fused qkv/gate_up GEMMs, FlashInfer vs
     # SDPA attention, fused vs eager RMSNorm/RoPE) round differently in every layer: bf16 keeps 8
-    # significand bits. Measured on CPU for this shape cut to 4 layers, Skiff bf16 is off HF with
-    # float32 activations by mean 0.027 / max 0.13 nats (Skiff and HF bf16 agree exactly there, same
-    # torch ops); 32 layers accumulate more, hence mean < 0.05 and max < 0.5. Bugs (weight mapping,
-    # RoPE, mask) shift logprobs (~ -12.6 here) much further: weights of another seed give a mean
-    # of 0.18 even on the 2-layer tiny config.
-    assert diff.mean() < 0.05, summary
-    assert diff.max() < 0.5, summary
+    # significand bits, and 32 layers accumulate it (on an H200 Skiff bf16 and HF bf16 differ by a
+    # mean of 0.07 nats, as much as HF bf16 differs from HF with float32 activations). So in low
+    # precision Skiff is judged against the float32-activation reference: its error may not exceed
+    # HF bf16's own by more than half (mean) or double (max). Bugs (weight mapping, RoPE, mask)
+    # shift logprobs (~ -12.6 here) much further: weights of another seed give a mean of 0.18 even
+    # on the 2-layer tiny config. In float32 the bounds are absolute.
+    if floor is not None:
+        assert ours_err.mean() <= 1.5 * floor.mean() + 0.01, summary
+        assert ours_err.max() <= 2 * floor.max() + 0.1, summary
+    else:
+        assert diff.mean() < 0.05, summary
+        assert diff.max() < 0.5, summary
     # Where HF's winner leads by > 0.1 nats, bf16 noise should rarely reorder the top two.
     assert clear.sum() >= len(clear) // 4, summary
     assert agree > 0.95, summary
