@@ -24,10 +24,10 @@ logger = logging.getLogger(__name__)
 
 
 class _ReqState:
-    __slots__ = ("detok", "logprobs")
+    __slots__ = ("detok", "logprobs", "prompt_ids")
 
-    def __init__(self, detok: IncrementalDetokenizer, logprobs: bool):
-        self.detok, self.logprobs = detok, logprobs
+    def __init__(self, detok: IncrementalDetokenizer, logprobs: bool, prompt_ids: Optional[list[int]]):
+        self.detok, self.logprobs, self.prompt_ids = detok, logprobs, prompt_ids
 
 
 class DetokenizerWorker:
@@ -40,7 +40,7 @@ class DetokenizerWorker:
     def start(self, msg: ipc.RequestStarted) -> None:
         p = msg.params
         detok = IncrementalDetokenizer(self.tok.decode, msg.prompt_tail, p.stop, p.skip_special_tokens)
-        self.states[msg.rid] = _ReqState(detok, p.logprobs or p.prompt_logprobs)
+        self.states[msg.rid] = _ReqState(detok, p.logprobs or p.prompt_logprobs, msg.prompt_ids)
 
     def process(self, out: ipc.TokenOutput) -> Optional[ipc.TextOutput]:
         state = self.states.get(out.rid)
@@ -68,11 +68,20 @@ class DetokenizerWorker:
         if state.logprobs:
             text_out.logprobs, text_out.top_logprobs = out.logprobs, out.top_logprobs
             text_out.prompt_logprobs, text_out.prompt_top_logprobs = out.prompt_logprobs, out.prompt_top_logprobs
-            text_out.token_texts = [self.tok.decode([t], False) for t in out.token_ids]
+            text_out.token_texts = self._texts(out.token_ids)
             if out.top_logprobs:
-                text_out.top_token_texts = [[self.tok.decode([t], False) for t in row.token_ids]
-                                            for row in out.top_logprobs]
+                text_out.top_token_texts = [self._texts(row.token_ids) for row in out.top_logprobs]
+            if out.prompt_logprobs is not None and state.prompt_ids is not None:
+                text_out.prompt_token_texts = self._texts(state.prompt_ids)
+                if out.prompt_top_logprobs and any(row is not None for row in out.prompt_top_logprobs):
+                    text_out.prompt_top_token_texts = [None if row is None else self._texts(row.token_ids)
+                                                       for row in out.prompt_top_logprobs]
+                state.prompt_ids = None  # sent once
         return text_out
+
+    def _texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text (logprobs show tokens one by one, special tokens included)."""
+        return [self.tok.decode([t], False) for t in ids]
 
 
 def run_detokenizer(config: ServerConfig, paths: IpcPaths, info: ModelInfo, ready_conn) -> None:

@@ -88,7 +88,8 @@ class SchedulerLoop:
             except EngineError as e:
                 self._emit(ipc.ErrorOutput(msg.rid, e.message, 400, e.param))
             else:
-                self._emit(ipc.RequestStarted(msg.rid, msg.params, msg.input_ids[-5:]))
+                self._emit(ipc.RequestStarted(msg.rid, msg.params, msg.input_ids[-5:],
+                                              msg.input_ids if msg.params.prompt_logprobs else None))
         elif isinstance(msg, ipc.AbortRequest):
             self.engine.abort_request(msg.rid)
         elif isinstance(msg, ipc.FlushCacheRequest):

@@ -6,7 +6,9 @@ partially prefilled requests, then newly admitted requests, under a token budget
 pool runs dry during decode, the newest decodes are retracted: their computed KV goes to the
 prefix cache (so resuming recomputes little) and they rejoin the waiting queue in arrival order.
 Everything is ordered by arrival, so the batch a step builds is a pure function of the state
-(tensor-parallel ranks that see the same requests build the same batches).
+(tensor-parallel ranks that see the same requests build the same batches). The one exception to
+arrival order: a waiting request whose prompt another running request is prefilling right now
+waits until that prompt is in the prefix cache (`_defer`), so n identical prompts prefill once.
 """
 
 from __future__ import annotations
@@ -101,12 +103,18 @@ class Scheduler:
             items.append(item)
             budget -= item.q_len
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_running:
-            item = self._admit(self.waiting[0], budget)
+        prefilling = [r for r in self.running if r.num_resolved == 0 and not r.finished]
+        for req in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_running:
+                break
+            if self._defer(req, prefilling):
+                continue
+            item = self._admit(req, budget)
             if item is None:
                 break
-            self.waiting.pop(0)
+            self.waiting.remove(req)
             bisect.insort(self.running, item.req, key=lambda r: r.arrival)
+            prefilling.append(req)
             items.append(item)
             budget -= item.q_len
         if not items and self.running:
@@ -141,6 +149,30 @@ class Scheduler:
             return None
         self._alloc(req, q_len)
         return ScheduledItem(req, req.num_computed, q_len, q_len == remaining)
+
+    def _defer(self, req: Req, prefilling: list[Req]) -> bool:
+        """Whether `req` should stay queued because a running request is prefilling its prompt.
+
+        Identical prompts that arrive together (n > 1 choices, retries, a shared few-shot prefix)
+        would all be admitted in one step and each compute the shared part. Waiting until the
+        first one's prompt is in the prefix cache (`cache_prefix`, once its first token is
+        sampled) computes it once. Deferred only when that saves at least half of what `req`
+        would compute; `prefilling` are the running requests whose prompt is not cached yet.
+        """
+        if not self.cache_unfinished or req.output_ids or req.params.prompt_logprobs:
+            return False
+        reusable = len(req.input_ids) - 1
+        for other in prefilling:
+            cached = other.num_tree_pages * self.page_size  # shared from the cache already
+            if reusable <= cached:
+                continue
+            want = cached + -(-(reusable - cached) // 2)
+            want = -(-want // self.page_size) * self.page_size  # only full pages are cached
+            provides = len(other.input_ids) // self.page_size * self.page_size
+            if want <= min(reusable, provides) and req.input_ids[want - 1] == other.input_ids[want - 1] \
+                    and req.input_ids[:want] == other.input_ids[:want]:
+                return True
+        return False
 
     def _admit(self, req: Req, budget: int) -> Optional[ScheduledItem]:
         """Match the prefix cache, lock the match, and schedule the first chunk, if it fits."""

@@ -103,7 +103,7 @@ class _Choice:
     """Accumulates one choice's outputs."""
 
     __slots__ = ("text", "finish_reason", "stop_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
-                 "token_texts", "logprobs", "top_texts", "top_vals", "error")
+                 "token_texts", "logprobs", "top_texts", "top_vals", "prompt", "error")
 
     def __init__(self):
         self.text = ""
@@ -114,6 +114,7 @@ class _Choice:
         self.logprobs: list[float] = []
         self.top_texts: Optional[list[list[str]]] = None
         self.top_vals: Optional[list[list[float]]] = None
+        self.prompt: Optional[protocol.TokenLogprobs] = None  # prompt logprobs (echo), when computed here
         self.error: Optional[ipc.ErrorOutput] = None
 
     def add(self, out: ipc.TextOutput) -> None:
@@ -128,17 +129,30 @@ class _Choice:
             if out.top_logprobs is not None and out.top_token_texts is not None:
                 self.top_texts = (self.top_texts or []) + out.top_token_texts
                 self.top_vals = (self.top_vals or []) + [row.logprobs for row in out.top_logprobs]
+        if out.prompt_logprobs is not None and out.prompt_token_texts is not None:
+            rows = out.prompt_top_logprobs
+            self.prompt = protocol.TokenLogprobs(
+                out.prompt_token_texts, out.prompt_logprobs, out.prompt_top_token_texts,
+                [None if row is None else row.logprobs for row in rows] if rows is not None else None)
 
-    def take_logprobs(self):
+    def take_logprobs(self) -> protocol.TokenLogprobs:
         """Logprobs gathered since the last take (streaming sends them chunk by chunk)."""
-        got = (self.token_texts, self.logprobs, self.top_texts, self.top_vals)
+        got = protocol.TokenLogprobs(self.token_texts, self.logprobs, self.top_texts, self.top_vals)
         self.token_texts, self.logprobs, self.top_texts, self.top_vals = [], [], None, None
         return got
 
 
-def _usage(choices: list[_Choice]) -> dict:
-    return protocol.usage(sum(c.prompt_tokens for c in choices), sum(c.completion_tokens for c in choices),
-                          sum(c.cached_tokens for c in choices))
+def _usage(choices: list[_Choice], n: int) -> dict:
+    """Usage of a request whose prompts have n choices each: every prompt counts once (its choice
+    0 stands for it: the other choices reuse its prefill), every completion counts."""
+    firsts = choices[::n]
+    return protocol.usage(sum(c.prompt_tokens for c in firsts), sum(c.completion_tokens for c in choices),
+                          sum(c.cached_tokens for c in firsts))
+
+
+def _choices_error(choices: list[_Choice]) -> Optional[JSONResponse]:
+    bad = next((c.error for c in choices if c.error is not None), None)
+    return None if bad is None else _error_response(bad.status, bad.message, param=bad.param)
 
 
 def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
@@ -237,10 +251,9 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
         finally:
             group.close()
 
-    async def _stream(group: RequestGroup, first, n: int,
+    async def _stream(group: RequestGroup, first, choices: list[_Choice],
                       emit: Callable[[int, _Choice, str, bool], list[bytes]],
                       head: list[bytes], usage_chunk: Optional[Callable[[list[_Choice]], bytes]]) -> AsyncIterator[bytes]:
-        choices = [_Choice() for _ in range(n)]
         items = first
         try:
             if head:
@@ -291,13 +304,15 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
     async def chat_completions(request: Request):
         req = await _body(request, protocol.ChatCompletionRequest)
         _check_model(req.model)
-        plan = protocol.plan_chat(req, info.vocab_size)
+        plan = protocol.plan_chat(req, info)
         client = _client(request)
-        rid = client.new_id()
-        gen = ipc.GenerateRequest(rid=rid, params=plan.params, stream=plan.stream, messages=plan.messages,
-                                  max_tokens=plan.max_tokens, add_generation_prompt=req.add_generation_prompt,
-                                  continue_final_message=req.continue_final_message)
-        group = client.generate([gen])
+        n = plan.n
+        gens = [ipc.GenerateRequest(rid=client.new_id(), params=protocol.choice_params(plan.params, j),
+                                    stream=plan.stream, messages=plan.messages, max_tokens=plan.max_tokens,
+                                    add_generation_prompt=req.add_generation_prompt,
+                                    continue_final_message=req.continue_final_message)
+                for j in range(n)]
+        group = client.generate(gens)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         first, refusal = await _start(group, request)
@@ -307,23 +322,21 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
         if not plan.stream:
             group.items[:0] = first
             try:
-                choices = await _collect(group, request, 1)
+                choices = await _collect(group, request, n)
             except ClientGone:
                 return Response(status_code=499)
-            c = choices[0]
-            if c.error is not None:
-                return _error_response(c.error.status, c.error.message, param=c.error.param)
-            logprobs = None
-            if plan.params.logprobs:
-                logprobs = {"content": protocol.chat_logprobs(c.token_texts, c.logprobs, c.top_texts, c.top_vals)}
-            tools = ToolResponder(plan.tools)
-            message = {"role": "assistant", **tools.message(c.text), "refusal": None}
-            body = {
-                "id": response_id, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "message": message, "logprobs": logprobs,
-                             "finish_reason": tools.finish_reason(c.finish_reason), "stop_reason": c.stop_reason}],
-                "usage": _usage(choices), "system_fingerprint": None,
-            }
+            error = _choices_error(choices)
+            if error is not None:
+                return error
+            out = []
+            for i, c in enumerate(choices):
+                logprobs = {"content": protocol.chat_logprobs(c.take_logprobs())} if plan.params.logprobs else None
+                tools = ToolResponder(plan.tools)
+                out.append({"index": i, "message": {"role": "assistant", **tools.message(c.text), "refusal": None},
+                            "logprobs": logprobs, "finish_reason": tools.finish_reason(c.finish_reason),
+                            "stop_reason": c.stop_reason})
+            body = {"id": response_id, "object": "chat.completion", "created": created, "model": model_name,
+                    "choices": out, "usage": _usage(choices, n), "system_fingerprint": None}
             return Response(_json.encode(body), media_type="application/json")
 
         extra = {"usage": None} if plan.include_usage else {}
@@ -332,16 +345,17 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
             return _sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
                          "model": model_name, "system_fingerprint": None, "choices": [choice], **extra})
 
-        tools = ToolResponder(plan.tools)
+        tools = [ToolResponder(plan.tools) for _ in range(n)]
 
         def emit(i: int, c: _Choice, text: str, finished: bool) -> list[bytes]:
             parts = []
             logprobs = None
             if plan.params.logprobs:
-                texts, vals, top_t, top_v = c.take_logprobs()
-                logprobs = {"content": protocol.chat_logprobs(texts, vals, top_t, top_v)} if texts else None
-            if tools.active:  # content and tool-call deltas from the tool-call parser
-                deltas = tools.deltas(text) + (tools.finish() if finished else [])
+                lp = c.take_logprobs()
+                logprobs = {"content": protocol.chat_logprobs(lp)} if lp.texts else None
+            t = tools[i]
+            if t.active:  # content and tool-call deltas from the tool-call parser
+                deltas = t.deltas(text) + (t.finish() if finished else [])
                 for k, delta in enumerate(deltas):
                     parts.append(chunk({"index": i, "delta": delta, "logprobs": logprobs if k == 0 else None,
                                         "finish_reason": None}))
@@ -350,17 +364,19 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
                                     "finish_reason": None}))
             if finished:
                 parts.append(chunk({"index": i, "delta": {}, "logprobs": None,
-                                    "finish_reason": tools.finish_reason(c.finish_reason),
+                                    "finish_reason": t.finish_reason(c.finish_reason),
                                     "stop_reason": c.stop_reason}))
             return parts
 
         def usage_chunk(choices: list[_Choice]) -> bytes:
             return _sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
-                         "model": model_name, "system_fingerprint": None, "choices": [], "usage": _usage(choices)})
+                         "model": model_name, "system_fingerprint": None, "choices": [],
+                         "usage": _usage(choices, n)})
 
-        head = [chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                       "finish_reason": None})]
-        return StreamingResponse(_stream(group, first, 1, emit, head, usage_chunk if plan.include_usage else None),
+        head = [chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                       "finish_reason": None}) for i in range(n)]
+        return StreamingResponse(_stream(group, first, [_Choice() for _ in range(n)], emit, head,
+                                         usage_chunk if plan.include_usage else None),
                                  media_type="text/event-stream")
 
     # ------------------------------------------------------------------ completions
@@ -369,7 +385,7 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
     async def completions(request: Request):
         req = await _body(request, protocol.CompletionRequest)
         _check_model(req.model)
-        plan = protocol.plan_completion(req, info.vocab_size)
+        plan = protocol.plan_completion(req, info)
         client = _client(request)
         echo_texts: list[str] = []
         if plan.echo:
@@ -381,52 +397,67 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
                     if isinstance(res, ipc.ErrorOutput):
                         return _error_response(res.status, res.message, param="prompt")
                     echo_texts.append(res.prompt)
+        n = plan.n
         gens = []
-        for p in plan.prompts:
+        for p in plan.prompts:  # choice index = prompt index * n + j, as OpenAI numbers them
             text, ids = (p, None) if isinstance(p, str) else (None, p)
-            gens.append(ipc.GenerateRequest(rid=client.new_id(), params=plan.params, stream=plan.stream,
-                                            prompt_text=text, prompt_ids=ids, max_tokens=plan.max_tokens))
+            gens += [ipc.GenerateRequest(rid=client.new_id(), params=protocol.choice_params(plan.params, j),
+                                         stream=plan.stream, prompt_text=text, prompt_ids=ids,
+                                         max_tokens=plan.max_tokens) for j in range(n)]
         group = client.generate(gens)
-        n = len(gens)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         first, refusal = await _start(group, request)
         if refusal is not None:
             return refusal
+        echo_logprobs = plan.params.prompt_logprobs  # echo with logprobs: choice 0 of each prompt has them
 
-        def logprobs_of(c: _Choice, offset: int):
-            texts, vals, top_t, top_v = c.take_logprobs()
-            return protocol.completion_logprobs(texts, vals, top_t, top_v, offset)
+        def logprobs_of(choices: list[_Choice], i: int, offset: int, with_prompt: bool):
+            prompt = None
+            if with_prompt and echo_logprobs:
+                prompt = choices[i - i % n].prompt
+                if prompt is None:
+                    raise RuntimeError(f"choice {i}'s first output came before choice {i - i % n}'s prompt logprobs")
+            return protocol.completion_logprobs(choices[i].take_logprobs(), offset, prompt)
 
         if not plan.stream:
             group.items[:0] = first
             try:
-                choices = await _collect(group, request, n)
+                choices = await _collect(group, request, len(gens))
             except ClientGone:
                 return Response(status_code=499)
-            bad = next((c.error for c in choices if c.error is not None), None)
-            if bad is not None:
-                return _error_response(bad.status, bad.message, param=bad.param)
+            error = _choices_error(choices)
+            if error is not None:
+                return error
             out = []
             for i, c in enumerate(choices):
-                prefix = echo_texts[i] if plan.echo else ""
+                prefix = echo_texts[i // n] if plan.echo else ""
                 out.append({"index": i, "text": prefix + c.text,
-                            "logprobs": logprobs_of(c, len(prefix)) if plan.params.logprobs else None,
+                            "logprobs": logprobs_of(choices, i, len(prefix), True) if plan.params.logprobs else None,
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
             body = {"id": response_id, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": out, "usage": _usage(choices), "system_fingerprint": None}
+                    "choices": out, "usage": _usage(choices, n), "system_fingerprint": None}
             return Response(_json.encode(body), media_type="application/json")
 
         extra = {"usage": None} if plan.include_usage else {}
-        sent_chars = [0] * n
-        echoed = [not plan.echo] * n
+        choices = [_Choice() for _ in gens]
+        sent_chars = [0] * len(gens)
+        started = [False] * len(gens)
 
         def emit(i: int, c: _Choice, text: str, finished: bool) -> list[bytes]:
-            if not echoed[i]:
-                text, echoed[i] = echo_texts[i] + text, True
-            logprobs = logprobs_of(c, sent_chars[i]) if plan.params.logprobs else None
+            # Each choice's first chunk carries the echoed prompt and, with logprobs, the prompt
+            # logprobs that choice 0 computed: choice 0 is admitted before its siblings and its
+            # first output carries them, so they are here by the time any sibling's first text is.
+            first_chunk, prefix = not started[i], ""
+            if first_chunk:
+                started[i] = True
+                prefix = echo_texts[i // n] if plan.echo else ""
+            logprobs = None
+            if plan.params.logprobs:
+                logprobs = logprobs_of(choices, i, sent_chars[i] + len(prefix), first_chunk)
+            text = prefix + text
             sent_chars[i] += len(text)
-            if not (text or finished or logprobs):
+            if not (text or finished or (logprobs and logprobs["tokens"])):
                 return []
             return [_sse({"id": response_id, "object": "text_completion", "created": created, "model": model_name,
                           "system_fingerprint": None,
@@ -436,9 +467,9 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
 
         def usage_chunk(choices: list[_Choice]) -> bytes:
             return _sse({"id": response_id, "object": "text_completion", "created": created, "model": model_name,
-                         "system_fingerprint": None, "choices": [], "usage": _usage(choices)})
+                         "system_fingerprint": None, "choices": [], "usage": _usage(choices, n)})
 
-        return StreamingResponse(_stream(group, first, n, emit, [], usage_chunk if plan.include_usage else None),
+        return StreamingResponse(_stream(group, first, choices, emit, [], usage_chunk if plan.include_usage else None),
                                  media_type="text/event-stream")
 
     # ------------------------------------------------------------------ the rest
@@ -493,6 +524,7 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
     async def detokenize(request: Request):
         req = await _body(request, protocol.DetokenizeBody)
         _check_model(req.model)
+        protocol.check_token_ids(req.tokens, info.vocab_size, "tokens")
         client = _client(request)
         res = await client.call(ipc.DetokenizeRequest(client.new_id(), req.tokens))
         if isinstance(res, ipc.ErrorOutput):

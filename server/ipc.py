@@ -213,6 +213,7 @@ class RequestStarted(msgspec.Struct, tag=True):
     rid: str
     params: SamplingParams
     prompt_tail: list[int]  # last few prompt ids: context for the first token's leading space
+    prompt_ids: Optional[list[int]] = None  # the whole prompt, only with prompt_logprobs (its token texts)
 
 
 class TextOutput(msgspec.Struct, array_like=True):
@@ -221,7 +222,8 @@ class TextOutput(msgspec.Struct, array_like=True):
     abort_upstream: the detokenizer finished the request (a stop string matched) while the
     scheduler still runs it; the server must send an AbortRequest to free its KV.
     token_texts: the text of each new token (only when logprobs were requested), and
-    top_token_texts the text of each alternative in top_logprobs, row by row.
+    top_token_texts the text of each alternative in top_logprobs, row by row; prompt_token_texts
+    and prompt_top_token_texts are the same for the prompt (with prompt_logprobs, first output only).
     """
 
     rid: str
@@ -239,6 +241,8 @@ class TextOutput(msgspec.Struct, array_like=True):
     top_token_texts: Optional[list[list[str]]] = None
     prompt_logprobs: Optional[list[Optional[float]]] = None
     prompt_top_logprobs: Optional[list[Optional[TopLogprobs]]] = None
+    prompt_token_texts: Optional[list[str]] = None
+    prompt_top_token_texts: Optional[list[Optional[list[str]]]] = None
 
 
 class BatchTextOutput(msgspec.Struct, tag=True):

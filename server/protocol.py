@@ -1,15 +1,17 @@
 """OpenAI request models (msgspec) and their translation into Skiff's SamplingParams.
 
-Requests are decoded strictly: unknown fields are a 400, and known OpenAI fields Skiff does not
-implement yet are declared here only to be rejected with a clear "not supported" 400, so nothing
-a client sends is ever silently ignored. Responses are plain dicts encoded with msgspec.json.
+Requests are decoded strictly: unknown fields are a 400, and known OpenAI fields that would change
+generation but that Skiff does not implement yet are declared here only to be rejected with a clear
+"not supported" 400, so nothing that matters is ever silently ignored (bookkeeping fields such as
+`user` or `metadata` are accepted). All range checks live in `sampling_params` and the `plan_*`
+functions. Responses are plain dicts encoded with msgspec.json.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Protocol, Union
 
 import msgspec
 
@@ -30,6 +32,13 @@ class ProtocolError(ValueError):
 def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
                code: Optional[str] = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class ModelLimits(Protocol):
+    """What validation needs to know about the model (server.process_util.ModelInfo has it)."""
+
+    vocab_size: int
+    max_model_len: int
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -57,7 +66,6 @@ class _SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = None
-    user: Optional[str] = None
     frequency_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, float]] = None
@@ -79,9 +87,11 @@ class _SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
     parallel_tool_calls: Optional[Any] = None
     functions: Optional[Any] = None
     function_call: Optional[Any] = None
-    service_tier: Optional[Any] = None
-    metadata: Optional[Any] = None
+    # accepted, with no effect on what is generated (bookkeeping fields of OpenAI's platform)
+    user: Optional[str] = None
+    service_tier: Optional[str] = None
     store: Optional[bool] = None
+    metadata: Optional[dict[str, str]] = None
 
 
 class ChatCompletionRequest(_SamplingFields, forbid_unknown_fields=True):
@@ -91,9 +101,9 @@ class ChatCompletionRequest(_SamplingFields, forbid_unknown_fields=True):
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    modalities: Optional[Any] = None
+    modalities: Optional[list[str]] = None  # only ["text"]
     audio: Optional[Any] = None
-    prediction: Optional[Any] = None
+    prediction: Optional[Any] = None  # a latency hint: accepted, the output is the same without it
     reasoning_effort: Optional[Any] = None
     web_search_options: Optional[Any] = None
 
@@ -130,7 +140,7 @@ def decode_body(body: bytes, type_: type) -> Any:
         text = str(e)
         param = None
         if "`$." in text:
-            param = text.rsplit("`$.", 1)[-1].rstrip("`")
+            param = text.rsplit("`$.", 1)[-1].rstrip("`").replace("[...]", "")  # a dict value: the dict
         elif "unknown field `" in text:
             param = text.split("unknown field `", 1)[1].split("`", 1)[0]
         raise ProtocolError(f"invalid request: {text}", param) from e
@@ -140,9 +150,14 @@ def decode_body(body: bytes, type_: type) -> Any:
 
 # ----------------------------------------------------------------------------- validation
 
+MAX_N = 128  # choices per prompt
+MAX_STOP = 4  # stop strings, as OpenAI allows
+MAX_TOP_LOGPROBS = 20  # chat top_logprobs and completions logprobs (OpenAI caps the latter at 5, vLLM at 20)
+_INT64 = (-2 ** 63, 2 ** 63 - 1)
 
-_UNSUPPORTED_CHAT = ("modalities", "audio", "prediction", "reasoning_effort", "web_search_options")
-_UNSUPPORTED = ("functions", "function_call", "metadata")
+# Fields that would change what is generated and that Skiff does not implement: a 400, never ignored.
+_UNSUPPORTED_CHAT = ("audio", "reasoning_effort", "web_search_options")
+_UNSUPPORTED = ("functions", "function_call")
 _CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls")
 
 
@@ -154,10 +169,6 @@ def _check_unsupported(req: _SamplingFields, extra: tuple[str, ...] = ()) -> Non
     for name in _UNSUPPORTED + extra:
         if getattr(req, name) is not None:
             raise _not_supported(name)
-    if req.service_tier not in (None, "auto", "default"):
-        raise _not_supported("service_tier")
-    if req.store:
-        raise _not_supported("store")
 
 
 def _finite(value: float, name: str) -> float:
@@ -170,17 +181,31 @@ def stop_list(stop: Union[str, list[str], None]) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not s for s in stops):
         raise ProtocolError("stop strings must not be empty", "stop")
+    if len(stops) > MAX_STOP:
+        raise ProtocolError(f"`stop` takes at most {MAX_STOP} strings", "stop")
     return stops
 
 
-def sampling_params(req: _SamplingFields, vocab_size: int, logprobs: bool = False,
-                    top_logprobs: int = 0) -> SamplingParams:
-    """Validate the sampling fields and build SamplingParams (max_new_tokens is set later)."""
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ProtocolError(f"token id {bad} is outside the vocabulary [0, {vocab_size})", param)
+
+
+def _int_in(value: int, name: str, lo: int, hi: int, what: str = "") -> int:
+    if not lo <= value <= hi:
+        raise ProtocolError(f"`{name}` must be {what or f'in [{lo}, {hi}]'}", name)
+    return value
+
+
+def sampling_params(req: _SamplingFields, limits: ModelLimits, max_tokens: Optional[int],
+                    logprobs: bool = False, top_logprobs: int = 0) -> SamplingParams:
+    """Validate the sampling fields and build SamplingParams (max_new_tokens is set later, by the
+    tokenizer, from `max_tokens` and the prompt). Every range check of a request lives here."""
     p = SamplingParams()
-    if req.n is not None and req.n != 1:
-        if req.n < 1:
-            raise ProtocolError("`n` must be at least 1", "n")
-        raise ProtocolError("`n` > 1 is not supported yet", "n")
+    V = limits.vocab_size
+    if req.n is not None:
+        _int_in(req.n, "n", 1, MAX_N)
     if req.temperature is not None:
         if _finite(req.temperature, "temperature") < 0:
             raise ProtocolError("`temperature` must be at least 0", "temperature")
@@ -190,9 +215,8 @@ def sampling_params(req: _SamplingFields, vocab_size: int, logprobs: bool = Fals
             raise ProtocolError("`top_p` must be in (0, 1]", "top_p")
         p.top_p = req.top_p
     if req.top_k is not None:
-        if req.top_k < -1:
-            raise ProtocolError("`top_k` must be -1 (disabled) or at least 0", "top_k")
-        p.top_k = req.top_k
+        _int_in(req.top_k, "top_k", -1, _INT64[1], "-1 or 0 (disabled) or a positive number of tokens")
+        p.top_k = req.top_k if req.top_k < V else -1  # keeping the whole vocabulary is no filter
     if req.min_p is not None:
         if not 0 <= _finite(req.min_p, "min_p") <= 1:
             raise ProtocolError("`min_p` must be in [0, 1]", "min_p")
@@ -214,26 +238,23 @@ def sampling_params(req: _SamplingFields, vocab_size: int, logprobs: bool = Fals
                 token = int(key)
             except ValueError:
                 raise ProtocolError(f"logit_bias key {key!r} is not a token id", "logit_bias") from None
-            if not 0 <= token < vocab_size:
-                raise ProtocolError(f"logit_bias token id {token} is outside the vocabulary [0, {vocab_size})",
-                                    "logit_bias")
+            check_token_ids([token], V, "logit_bias")
             if not -100 <= _finite(value, "logit_bias") <= 100:
                 raise ProtocolError("logit_bias values must be in [-100, 100]", "logit_bias")
             bias[token] = value
         p.logit_bias = bias
     p.stop = stop_list(req.stop)
     if req.stop_token_ids:
-        bad = [t for t in req.stop_token_ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ProtocolError(f"stop_token_ids {bad} are outside the vocabulary", "stop_token_ids")
+        check_token_ids(req.stop_token_ids, V, "stop_token_ids")
         p.stop_token_ids = list(req.stop_token_ids)
     if req.seed is not None:
-        p.seed = req.seed
+        p.seed = _int_in(req.seed, "seed", *_INT64, "a 64-bit signed integer")
     if req.ignore_eos is not None:
         p.ignore_eos = req.ignore_eos
     if req.min_tokens is not None:
-        if req.min_tokens < 0:
-            raise ProtocolError("`min_tokens` must be at least 0", "min_tokens")
+        limit = max_tokens if max_tokens is not None else limits.max_model_len
+        _int_in(req.min_tokens, "min_tokens", 0, limit,
+                f"in [0, {limit}] (at most max_tokens)" if max_tokens is not None else "")
         p.min_new_tokens = req.min_tokens
     if req.skip_special_tokens is not None:
         p.skip_special_tokens = req.skip_special_tokens
@@ -244,9 +265,20 @@ def sampling_params(req: _SamplingFields, vocab_size: int, logprobs: bool = Fals
     return p
 
 
-def _max_tokens(value: Optional[int], name: str, minimum: int) -> Optional[int]:
-    if value is not None and value < minimum:
-        raise ProtocolError(f"`{name}` must be at least {minimum}", name)
+def choice_params(params: SamplingParams, j: int) -> SamplingParams:
+    """The parameters of choice j of a prompt (n > 1). A seeded request's choice j draws with
+    seed + j (mod 2**64), so the n samples differ and each is still reproducible. Prompt
+    logprobs (echo) are computed by choice 0 alone: the others then reuse its cached prefill."""
+    if j == 0:
+        return params
+    seed = (params.seed + j) % 2 ** 64 if params.seed is not None else None
+    return msgspec.structs.replace(params, seed=seed, prompt_logprobs=False)
+
+
+def _max_tokens(value: Optional[int], name: str, minimum: int, limits: ModelLimits) -> Optional[int]:
+    if value is not None:
+        _int_in(value, name, minimum, limits.max_model_len,
+                f"in [{minimum}, {limits.max_model_len}] (the context length)")
     return value
 
 
@@ -307,33 +339,39 @@ class ChatPlan:
     messages: list[ChatMessage]
     params: SamplingParams
     max_tokens: Optional[int]
+    n: int
     stream: bool
     include_usage: bool
     tools: Optional[ToolPlan] = None  # set when the request has tools (see server.structured)
 
 
-def plan_chat(req: ChatCompletionRequest, vocab_size: int) -> ChatPlan:
+def _include_usage(req: _SamplingFields) -> bool:
+    return bool(req.stream and req.stream_options and req.stream_options.include_usage)
+
+
+def plan_chat(req: ChatCompletionRequest, limits: ModelLimits) -> ChatPlan:
     _check_unsupported(req, _UNSUPPORTED_CHAT)
+    if req.modalities is not None and req.modalities != ["text"]:
+        raise ProtocolError("only `modalities: [\"text\"]` is supported", "modalities")
     if req.top_logprobs is not None:
-        if not 0 <= req.top_logprobs <= 20:
-            raise ProtocolError("`top_logprobs` must be in [0, 20]", "top_logprobs")
+        _int_in(req.top_logprobs, "top_logprobs", 0, MAX_TOP_LOGPROBS)
         if not req.logprobs:
             raise ProtocolError("`top_logprobs` requires `logprobs` to be true", "top_logprobs")
-    params = sampling_params(req, vocab_size, bool(req.logprobs), req.top_logprobs or 0)
     if req.max_tokens is not None and req.max_completion_tokens is not None \
             and req.max_tokens != req.max_completion_tokens:
         raise ProtocolError("set only one of `max_tokens` and `max_completion_tokens`", "max_tokens")
-    max_tokens = _max_tokens(req.max_completion_tokens, "max_completion_tokens", 1)
+    max_tokens = _max_tokens(req.max_completion_tokens, "max_completion_tokens", 1, limits)
     if max_tokens is None:
-        max_tokens = _max_tokens(req.max_tokens, "max_tokens", 1)
-    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+        max_tokens = _max_tokens(req.max_tokens, "max_tokens", 1, limits)
+    params = sampling_params(req, limits, max_tokens, bool(req.logprobs), req.top_logprobs or 0)
     try:
         sc = structured_chat(chat_message_dicts(req.messages), req.response_format, req.regex, req.ebnf,
                              req.tools, req.tool_choice, req.parallel_tool_calls)
     except StructuredOutputError as e:
         raise ProtocolError(e.message, e.param) from e
     params.grammar = sc.grammar
-    return ChatPlan(_to_chat_messages(sc.messages), params, max_tokens, bool(req.stream), include_usage, sc.tools)
+    return ChatPlan(_to_chat_messages(sc.messages), params, max_tokens, req.n or 1, bool(req.stream),
+                    _include_usage(req), sc.tools)
 
 
 @dataclass
@@ -341,6 +379,7 @@ class CompletionPlan:
     prompts: list[Union[str, list[int]]]
     params: SamplingParams
     max_tokens: Optional[int]
+    n: int  # choices per prompt: choice index = prompt index * n + j
     stream: bool
     include_usage: bool
     echo: bool
@@ -365,25 +404,27 @@ def completion_prompts(prompt: Union[str, list[Any], None]) -> list[Union[str, l
                         "non-empty token-id lists", "prompt")
 
 
-def plan_completion(req: CompletionRequest, vocab_size: int) -> CompletionPlan:
+def plan_completion(req: CompletionRequest, limits: ModelLimits) -> CompletionPlan:
     _check_unsupported(req, _CHAT_ONLY)
     if req.suffix is not None:
         raise _not_supported("suffix")
-    if req.best_of is not None and req.best_of != 1:
-        raise ProtocolError("`best_of` other than 1 is not supported yet", "best_of")
-    if req.logprobs is not None and not 0 <= req.logprobs <= 20:
-        raise ProtocolError("`logprobs` must be in [0, 20]", "logprobs")
-    if req.echo and req.logprobs is not None:
-        raise ProtocolError("`echo` together with `logprobs` is not supported yet", "echo")
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise ProtocolError("`best_of` other than `n` is not supported yet", "best_of")
+    if req.logprobs is not None:
+        _int_in(req.logprobs, "logprobs", 0, MAX_TOP_LOGPROBS)
+    max_tokens = _max_tokens(req.max_tokens, "max_tokens", 0, limits)
     logprobs = req.logprobs is not None
-    params = sampling_params(req, vocab_size, logprobs, req.logprobs or 0)
+    params = sampling_params(req, limits, max_tokens, logprobs, req.logprobs or 0)
+    params.prompt_logprobs = bool(req.echo) and logprobs
     try:
         params.grammar = grammar_from_request(req.response_format, req.regex, req.ebnf)
     except StructuredOutputError as e:
         raise ProtocolError(e.message, e.param) from e
-    max_tokens = _max_tokens(req.max_tokens, "max_tokens", 0)
-    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-    return CompletionPlan(completion_prompts(req.prompt), params, max_tokens, bool(req.stream), include_usage,
+    prompts = completion_prompts(req.prompt)
+    for p in prompts:
+        if not isinstance(p, str):
+            check_token_ids(p, limits.vocab_size, "prompt")
+    return CompletionPlan(prompts, params, max_tokens, req.n or 1, bool(req.stream), _include_usage(req),
                           bool(req.echo))
 
 
@@ -396,27 +437,45 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def chat_logprobs(token_texts: list[str], logprobs: list[float], top_texts: Optional[list[list[str]]],
-                  top_vals: Optional[list[list[float]]]) -> list[dict]:
-    def entry(text: str, lp: float) -> dict:
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+class TokenLogprobs(NamedTuple):
+    """Logprobs of a run of tokens: each token's text and raw logprob (None for the first prompt
+    token, which has no context) and, when alternatives were asked for, each token's alternatives
+    as texts and logprobs (a None row where a token has none)."""
 
-    out = []
-    for i, (text, lp) in enumerate(zip(token_texts, logprobs)):
-        item = entry(text, lp)
-        item["top_logprobs"] = ([entry(t, v) for t, v in zip(top_texts[i], top_vals[i])]
-                                if top_texts is not None and top_vals is not None else [])
-        out.append(item)
-    return out
+    texts: list[str]
+    logprobs: list[Optional[float]]
+    top_texts: Optional[list[Optional[list[str]]]] = None
+    top_vals: Optional[list[Optional[list[float]]]] = None
+
+    def tops(self) -> list[Optional[tuple[list[str], list[float]]]]:
+        if self.top_texts is None or self.top_vals is None:
+            return [None] * len(self.texts)
+        return [None if t is None or v is None else (t, v) for t, v in zip(self.top_texts, self.top_vals)]
 
 
-def completion_logprobs(token_texts: list[str], logprobs: list[float], top_texts: Optional[list[list[str]]],
-                        top_vals: Optional[list[list[float]]], text_offset: int) -> dict:
-    offsets = []
-    for text in token_texts:
-        offsets.append(text_offset)
-        text_offset += len(text)
-    tops = ([dict(zip(t, v)) for t, v in zip(top_texts, top_vals)]
-            if top_texts is not None and top_vals is not None else [None] * len(token_texts))
-    return {"tokens": list(token_texts), "token_logprobs": list(logprobs), "top_logprobs": tops,
-            "text_offset": offsets}
+def chat_logprobs(lp: TokenLogprobs) -> list[dict]:
+    """OpenAI's chat `logprobs.content`: token, logprob, bytes and top_logprobs per token."""
+    def entry(text: str, value: float) -> dict:
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+    return [{**entry(text, value), "top_logprobs": [entry(t, v) for t, v in zip(*top)] if top else []}
+            for text, value, top in zip(lp.texts, lp.logprobs, lp.tops())]
+
+
+def completion_logprobs(lp: TokenLogprobs, text_offset: int, prompt: Optional[TokenLogprobs] = None) -> dict:
+    """OpenAI's legacy completions `logprobs` (tokens, token_logprobs, top_logprobs, text_offset).
+    With echo, `prompt`'s tokens come first, at offsets from 0; the completion's start at `text_offset`."""
+    tokens: list[str] = []
+    values: list[Optional[float]] = []
+    tops: list[Optional[dict[str, float]]] = []
+    offsets: list[int] = []
+    for part, offset in ((prompt, 0), (lp, text_offset)):
+        if part is None:
+            continue
+        for text, value, top in zip(part.texts, part.logprobs, part.tops()):
+            tokens.append(text)
+            values.append(value)
+            tops.append(dict(zip(*top)) if top else None)
+            offsets.append(offset)
+            offset += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}

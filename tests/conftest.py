@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import httpx
+import openai
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,3 +128,20 @@ def skiff_server():
     server = SkiffServer("--max-model-len", str(SERVER_MAX_MODEL_LEN)).start()
     yield server
     server.stop()
+
+
+# The shared server as most end-to-end tests use it (a module may define its own `server`).
+@pytest.fixture(scope="module")
+def server(skiff_server):
+    return skiff_server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official openai SDK against the shared server."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id

@@ -221,3 +221,22 @@ def test_overlap_loop_matches_plain_loop(hf_reference):
         finals += [o for o in eng.step() if o.rid == "x" and o.finish_reason]
     assert [o.finish_reason for o in finals] == ["abort"]
     eng.check_no_leaks()
+
+
+def test_identical_prompts_together_prefill_once(engine, hf_reference):
+    """n > 1 choices: identical prompts submitted in one go wait for the first one's prefill and
+    reuse it from the prefix cache instead of each computing the prompt."""
+    prompts, refs = hf_reference
+    engine.flush_cache()
+    ids = prompts[5]
+    before = engine.computed_tokens
+    outs = engine.generate([ids] * 3 + [prompts[3]], GREEDY)
+    cost = engine.computed_tokens - before
+    assert [o.cached_tokens for o in outs[:3]] == [0, len(ids) - 1, len(ids) - 1]
+    # One full prefill, then only each sibling's last prompt token; decode computes all but the last output.
+    # prompts[3] shares the chat template's system prompt, so it also waited and reused that.
+    assert outs[3].cached_tokens > 0
+    assert cost == (len(ids) + 2 + len(prompts[3]) - outs[3].cached_tokens
+                    + sum(len(o.output_ids) - 1 for o in outs))
+    _same(outs, [refs[5]] * 3 + [refs[3]])
+    engine.check_no_leaks()

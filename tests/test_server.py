@@ -28,21 +28,6 @@ SYSTEM = ("You are a meticulous assistant for a travel agency. You answer questi
 
 
 @pytest.fixture(scope="module")
-def server(skiff_server):
-    return skiff_server
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
-@pytest.fixture(scope="module")
 def engine():
     """The in-process Engine with the server's configuration (the reference for greedy output)."""
     from scheduler_proc.engine import Engine
@@ -356,7 +341,7 @@ def _error(res: httpx.Response, status: int) -> dict:
     ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
     ({"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, "top_p"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 129}, "n"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
     ({"messages": [{"role": "user", "content": "x"}], "frobnicate": True}, "frobnicate"),
@@ -394,33 +379,6 @@ def test_unknown_model_and_route(server, client):
     err = _error(httpx.post(server.url + "/v1/completions", json={"model": "gpt-17", "prompt": "x"}), 404)
     assert err["code"] == "model_not_found" and err["param"] == "model"
     _error(httpx.get(server.url + "/v1/nothing-here"), 404)
-
-
-def test_sampling_fields_pass_through(client, model):
-    res = client.chat.completions.create(
-        model=model, messages=_chat(QUESTION), temperature=0.8, top_p=0.9, seed=7, max_tokens=6, user="u1",
-        frequency_penalty=0.1, presence_penalty=0.1, logit_bias={"100": -5},
-        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 2})
-    again = client.chat.completions.create(
-        model=model, messages=_chat(QUESTION), temperature=0.8, top_p=0.9, seed=7, max_tokens=6, user="u1",
-        frequency_penalty=0.1, presence_penalty=0.1, logit_bias={"100": -5},
-        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 2})
-    assert res.choices[0].message.content == again.choices[0].message.content  # same seed, same text
-    assert res.usage.completion_tokens >= 2
-
-
-def test_logprobs_pass_through(client, model):
-    res = client.chat.completions.create(model=model, messages=_chat(QUESTION), temperature=0, max_tokens=4,
-                                         logprobs=True, top_logprobs=2)
-    content = res.choices[0].logprobs.content
-    assert "".join(t.token for t in content) == res.choices[0].message.content
-    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
-    assert all(t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
-    comp = client.completions.create(model=model, prompt="The capital of France is", temperature=0, max_tokens=3,
-                                     logprobs=2)
-    lp = comp.choices[0].logprobs
-    assert "".join(lp.tokens) == comp.choices[0].text and len(lp.token_logprobs) == 3
-    assert lp.text_offset[0] == 0 and all(len(t) == 2 for t in lp.top_logprobs)
 
 
 # ----------------------------------------------------------------------------- supervision
