@@ -335,6 +335,9 @@ class Engine:
         req = item.req
         if req.prompt_logprobs is None:
             req.prompt_logprobs, req.prompt_top_logprobs = [None], [None]
+        # Entry i is prompt token i's; a retracted prompt recomputes from its start, so drop what
+        # this chunk recomputes instead of appending it twice.
+        del req.prompt_logprobs[item.start + 1:], req.prompt_top_logprobs[item.start + 1:]
         n_prompt = len(req.input_ids)
         end = min(item.start + item.q_len, n_prompt - 1)  # rows predicting prompt tokens
         count = end - item.start
