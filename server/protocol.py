@@ -13,9 +13,9 @@ from typing import Any, Optional, Union
 
 import msgspec
 
-from server.ipc import ChatMessage, SamplingParams
-from server.structured import StructuredOutputError, ToolPlan, grammar_from_request, prepare_tool_messages, \
-    structured_chat
+from server.ipc import ChatMessage, ChatTool, SamplingParams
+from server.structured import TEXT_TOOLS, StructuredOutputError, ToolFormat, ToolPlan, grammar_from_request, \
+    prepare_tool_messages, structured_chat
 
 
 class ProtocolError(ValueError):
@@ -289,17 +289,18 @@ def chat_message_dicts(messages: list[ChatMessageIn]) -> list[dict]:
         d: dict = {"role": m.role, "content": text}
         if m.tool_calls:
             d["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
         out.append(d)
     return out
 
 
-def _to_chat_messages(dicts: list[dict]) -> list[ChatMessage]:
-    return [ChatMessage(d["role"], d["content"]) for d in dicts]
-
-
-def chat_messages(messages: list[ChatMessageIn]) -> list[ChatMessage]:
-    """Messages for the chat template; tool calls and tool results rendered as text."""
-    return _to_chat_messages(prepare_tool_messages(chat_message_dicts(messages), None, supports_tools=False))
+def chat_messages(messages: list[ChatMessageIn], tool_format: ToolFormat = TEXT_TOOLS) -> list[ChatMessage]:
+    """Messages for the chat template (tool calls and results as the template takes them)."""
+    try:
+        return prepare_tool_messages(chat_message_dicts(messages), None, tool_format.native)
+    except StructuredOutputError as e:
+        raise ProtocolError(e.message, e.param) from e
 
 
 @dataclass
@@ -310,9 +311,11 @@ class ChatPlan:
     stream: bool
     include_usage: bool
     tools: Optional[ToolPlan] = None  # set when the request has tools (see server.structured)
+    template_tools: Optional[list[ChatTool]] = None  # the chat template's `tools` (native templates)
 
 
-def plan_chat(req: ChatCompletionRequest, vocab_size: int) -> ChatPlan:
+def plan_chat(req: ChatCompletionRequest, vocab_size: int, tool_format: ToolFormat = TEXT_TOOLS) -> ChatPlan:
+    """Validate a chat request; tool_format is the model's (`server.structured.detect_tool_format`)."""
     _check_unsupported(req, _UNSUPPORTED_CHAT)
     if req.top_logprobs is not None:
         if not 0 <= req.top_logprobs <= 20:
@@ -329,11 +332,11 @@ def plan_chat(req: ChatCompletionRequest, vocab_size: int) -> ChatPlan:
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     try:
         sc = structured_chat(chat_message_dicts(req.messages), req.response_format, req.regex, req.ebnf,
-                             req.tools, req.tool_choice, req.parallel_tool_calls)
+                             req.tools, req.tool_choice, req.parallel_tool_calls, tool_format)
     except StructuredOutputError as e:
         raise ProtocolError(e.message, e.param) from e
     params.grammar = sc.grammar
-    return ChatPlan(_to_chat_messages(sc.messages), params, max_tokens, bool(req.stream), include_usage, sc.tools)
+    return ChatPlan(sc.messages, params, max_tokens, bool(req.stream), include_usage, sc.tools, sc.template_tools)
 
 
 @dataclass

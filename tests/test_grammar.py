@@ -26,7 +26,7 @@ from scheduler_proc.grammar import (  # noqa: E402
 from scheduler_proc.grammar_backend import REJECTED, TERMINATED, GrammarBackend  # noqa: E402
 from scheduler_proc.request import Req  # noqa: E402
 from server.ipc import GrammarSpec, SamplingParams  # noqa: E402
-from server.structured import parse_tool_calls, plan_tools  # noqa: E402
+from server.structured import HERMES, LLAMA3_JSON, parse_tool_calls, plan_tools  # noqa: E402
 
 EOS = 2
 VOCAB = 49152
@@ -195,10 +195,12 @@ TOOLS = [
 PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 
-@pytest.mark.parametrize("choice,parallel", [("required", True), ("required", False),
-                                             ({"type": "function", "function": {"name": "get_time"}}, True)])
-def test_forced_tool_calls_parse_and_validate(choice, parallel, manager, tokenizer, closers):
-    plan = plan_tools(TOOLS, choice, parallel)
+@pytest.mark.parametrize("choice,parallel,syntax", [
+    ("required", True, HERMES), ("required", False, HERMES),
+    ({"type": "function", "function": {"name": "get_time"}}, True, HERMES),
+    ("required", True, LLAMA3_JSON), ("required", False, LLAMA3_JSON)])
+def test_forced_tool_calls_parse_and_validate(choice, parallel, syntax, manager, tokenizer, closers):
+    plan = plan_tools(TOOLS, choice, parallel, syntax=syntax)
     compiled = manager.compile(plan.grammar)
     counts = []
     for seed in range(10):
