@@ -27,8 +27,9 @@ Call syntaxes (`CallSyntax`): what the grammar forces and the parser reads.
 
 With `tool_choice` "required" the output is one or more calls separated by the syntax's separator
 and nothing else (exactly one when `parallel_tool_calls` is false); a named tool_choice is the same
-with only that function allowed. With "auto" the model writes free text, and once it writes the
-syntax's opening (`<tool_call>` or `{"name": `) the rest of that call is forced to be valid. The one
+with only that function allowed. With "auto" the model writes free text; in Hermes syntax, once it
+writes `<tool_call>` the rest of that call is forced to be valid (Llama's calls have no opening
+that tells them from an ordinary JSON answer, so there "auto" is parsed, not constrained). The one
 parser below reads all of these back: Hermes blocks anywhere in the text, and a bare JSON call
 (`{"name": ..., "arguments" | "parameters": ...}`, a list of them, or several separated by ';',
 optionally after `<|python_tag|>`) as the whole output.
@@ -326,7 +327,8 @@ class CallSyntax:
     """How a model family writes one tool call: `begin {"name": "<fn>", "<arguments_key>": <args> end`.
 
     separator: between parallel calls; trigger: the opening that, in free text ("auto"), starts a
-    call the grammar then constrains (every call's prefix starts with it).
+    call the grammar then constrains (every call's prefix starts with it); None when no opening
+    tells a call from ordinary text, and "auto" output is then only parsed.
     """
 
     name: str
@@ -334,14 +336,15 @@ class CallSyntax:
     begin: str
     end: str
     separator: str
-    trigger: str
+    trigger: Optional[str]
 
     def call_prefix(self, function_name: str) -> str:
         return f'{self.begin}{{"name": {json.dumps(function_name)}, "{self.arguments_key}": '
 
 
 HERMES = CallSyntax("hermes", "arguments", TOOL_CALL_BEGIN + "\n", "}\n" + TOOL_CALL_END, "\n", TOOL_CALL_BEGIN)
-LLAMA3_JSON = CallSyntax("llama3_json", "parameters", "", "}", "; ", '{"name": ')
+# No trigger: `{"name": ` also opens ordinary JSON answers, which "auto" must leave alone.
+LLAMA3_JSON = CallSyntax("llama3_json", "parameters", "", "}", "; ", None)
 # Text only Llama 3.x tool templates contain (the python tag / the JSON tool-call instructions).
 _LLAMA3_MARKERS = (PYTHON_TAG, '"parameters": dictionary')
 
@@ -475,8 +478,8 @@ def plan_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: Optiona
                constrain_auto: bool = True, syntax: CallSyntax = HERMES) -> Optional[ToolPlan]:
     """The ToolPlan for a chat request, or None without tools. Raises StructuredOutputError.
 
-    constrain_auto: with tool_choice "auto", force any call the model opens (`syntax.trigger`)
-    to be a valid call (free text elsewhere).
+    constrain_auto: with tool_choice "auto", force any call the model opens (`syntax.trigger`,
+    when the syntax has one) to be a valid call (free text elsewhere).
     syntax: how the model writes calls (its chat template's format; see `detect_tool_format`).
     """
     if tools is None or tools == []:
@@ -494,7 +497,7 @@ def plan_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: Optiona
     grammar = None
     if mode in ("required", "named"):
         grammar = tool_call_grammar(functions, parallel=parallel, forced=True, syntax=syntax)
-    elif constrain_auto:
+    elif constrain_auto and syntax.trigger is not None:
         grammar = tool_call_grammar(functions, parallel=parallel, forced=False, syntax=syntax)
     return ToolPlan(tuple(functions), mode, parallel, grammar, parse=True)
 
@@ -516,6 +519,8 @@ def tool_call_grammar(functions: Sequence[ToolFunction], *, parallel: bool, forc
     forced: the output is only calls (at least one); otherwise free text in which each
     `syntax.trigger` opens a constrained call. parallel=False allows one call at most.
     """
+    if not forced and syntax.trigger is None:
+        raise ValueError(f"{syntax.name} calls have no trigger to constrain free text with")
     tags = [_call_tag(f, syntax) for f in functions]
     if forced:
         fmt = {"type": "tags_with_separator", "tags": tags, "separator": syntax.separator,

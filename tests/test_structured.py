@@ -447,9 +447,9 @@ def test_llama3_json_plans():
     assert fmt["separator"] == "; " and [t["begin"] for t in fmt["tags"]] == [
         '{"name": "get_weather", "parameters": ', '{"name": "get_time", "parameters": ']
     assert {t["end"] for t in fmt["tags"]} == {"}"}
-    auto = json.loads(plan_tools([WEATHER], "auto", syntax=LLAMA3_JSON).grammar.spec)["format"]
-    assert auto["type"] == "triggered_tags" and auto["triggers"] == ['{"name": ']
-    assert all(t["begin"].startswith(auto["triggers"][0]) for t in auto["tags"])
+    # "auto" is parsed only: `{"name": ` may just as well open an ordinary JSON answer.
+    auto = plan_tools([WEATHER], "auto", syntax=LLAMA3_JSON)
+    assert auto.grammar is None and auto.parse
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -513,7 +513,10 @@ def test_native_template_renders_tools_like_transformers(tmp_path, template):
     body = json.dumps({"messages": messages, "tools": [WEATHER, TIME], "tool_choice": "auto"}).encode()
     plan = protocol.plan_chat(protocol.decode_body(body, protocol.ChatCompletionRequest), 49152, tool_format)
     assert [t.name for t in plan.template_tools] == NAMES and plan.tools.parse
-    assert json.loads(plan.params.grammar.spec)["format"]["triggers"] == [tool_format.syntax.trigger]
+    if tool_format.syntax == HERMES:
+        assert json.loads(plan.params.grammar.spec)["format"]["triggers"] == ["<tool_call>"]
+    else:
+        assert plan.params.grammar is None
     gen = ipc.GenerateRequest("r", plan.params, messages=plan.messages, tools=plan.template_tools)
     gen = ipc.make_decoder(ipc.TokenizerInbound).decode(ipc.encode(gen))  # over the wire
     tok = TextTokenizer(str(path))
