@@ -1,10 +1,10 @@
 """GPU busy/idle accounting for the step loop, from CUDA events (no host sync while running).
 
-The engine records an event when it starts enqueueing a stretch of device work (`begin`) and one
-after its last kernel (`end`): a step's forward is one stretch, its sampling another (sampling may
-wait for the host to fill a grammar mask). The stream runs them in launch order, so the time
-between one stretch's `end` and the next one's `begin` is time the device sat idle waiting for
-the host; with overlap scheduling it should be close to zero.
+The engine records an event just before it enqueues a stretch of device work (`begin`, after the
+host work the stretch needs) and one after its last kernel (`end`): a step's forward is one
+stretch, its sampling another (sampling may wait for the host to fill a grammar mask). The stream
+runs them in launch order, so the time between one stretch's `end` and the next one's `begin` is
+time the device sat idle waiting for the host; with overlap scheduling it should be close to zero.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ class TimelineSummary:
 
 
 class StepTimeline:
-    """Collects (begin, end) event pairs per stretch of device work; `summary()` synchronizes and adds them up.
+    """Collects (begin, end) event pairs per stretch of device work; `summary()` synchronizes
+    and adds them up.
 
     Gaps longer than `max_gap_s` (the loop had no work, e.g. between benchmark phases) are not
     counted as idle.
