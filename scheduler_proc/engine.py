@@ -21,7 +21,7 @@ from scheduler_proc.model_runner import HostCopy, ModelRunner
 from scheduler_proc.models.loader import load_model_config, resolve_dtype
 from scheduler_proc.request import Req
 from scheduler_proc.sampling import Sampler, SamplingBatch
-from scheduler_proc.scheduler import NeedsSync, ScheduleBatch, Scheduler
+from scheduler_proc.scheduler import NeedsSync, ScheduleBatch, ScheduledItem, Scheduler
 from scheduler_proc.step_timeline import StepTimeline
 from server.config import ServerConfig
 from server.ipc import ErrorOutput, SamplingParams, SchedulerStats, TokenizedRequest, TokenOutput, TopLogprobs
@@ -38,12 +38,22 @@ class EngineError(ValueError):
 
 
 @dataclass
+class ForwardResult:
+    """A launched forward: its batch, the items that sample and their logits rows (in order)."""
+
+    batch: ScheduleBatch
+    sampled: list[ScheduledItem]
+    logits: Optional[torch.Tensor]  # [len(sampled), V]; None when nothing samples
+    launch_time: float
+
+
+@dataclass
 class StepResult:
     """A launched step: its batch, the items that sample, and their results on the way to the host."""
 
     batch: ScheduleBatch
-    sampled: list
-    host: "HostCopy"
+    sampled: list[ScheduledItem]
+    host: HostCopy
     launch_time: float
 
 
@@ -152,8 +162,14 @@ class Engine:
                 or (self._grammar is not None and self._grammar.has_waiting()))
 
     def step(self) -> list[TokenOutput]:
-        """One iteration: schedule -> run -> process (overlap: process the previous step's results
-        while this one runs on the device). Returns the outputs that became ready."""
+        """One iteration: schedule -> run -> process. Returns the outputs that became ready.
+
+        Plain loop: run the batch (forward, then sampling) and process its tokens.
+        Overlap loop: the previous step is still in flight while this one is scheduled and its
+        forward launched; the previous step is processed while this forward runs. Sampling this
+        batch waits for that processing only where it needs the in-flight tokens on the host
+        (a grammar matcher must accept them before the mask is filled; penalties count them).
+        """
         outputs = [self._output(r) for r in self._aborted]
         self._aborted.clear()
         if self._grammar is not None and self._grammar.has_waiting():
@@ -161,31 +177,47 @@ class Engine:
         try:
             batch = self.scheduler.schedule()
         except NeedsSync:
-            outputs += self._process(self._inflight)
-            self._inflight = None
+            outputs += self._process_inflight()
             batch = self.scheduler.schedule()
-        if batch is not None and self._inflight is not None and not self.overlap_safe(batch):
-            outputs += self._process(self._inflight)
-            self._inflight = None
-        launched = self._launch(batch) if batch is not None else None
+
+        launched = None
+        if batch is not None:
+            fwd = self._forward(batch)
+            if self._needs_inflight_tokens(fwd.sampled):
+                outputs += self._process_inflight()
+            launched = self._sample(fwd)
+
+        outputs += self._process_inflight()
         if self.overlap:
-            if self._inflight is not None:
-                outputs += self._process(self._inflight)
             self._inflight = launched
         elif launched is not None:
             outputs += self._process(launched)
         return outputs
 
-    @staticmethod
-    def overlap_safe(batch: ScheduleBatch) -> bool:
-        """Sampling this batch needs no output token still in flight (penalties count them all)."""
-        return not any(it.req.params.repetition_penalty != 1.0 or it.req.params.frequency_penalty
-                       or it.req.params.presence_penalty or it.req.grammar is not None
-                       for it in batch.items if it.sample)
+    def _needs_inflight_tokens(self, sampled: list[ScheduledItem]) -> bool:
+        """Whether sampling these items needs a token of the in-flight step on the host: a
+        grammar row (its matcher accepts every token before the next mask) or a penalty row
+        (it counts every output token) whose latest output is still a placeholder."""
+        if self._inflight is None:
+            return False
+        for item in sampled:
+            req, p = item.req, item.req.params
+            if req.num_resolved < len(req.output_ids) and (
+                    req.grammar is not None or p.repetition_penalty != 1.0
+                    or p.frequency_penalty or p.presence_penalty):
+                return True
+        return False
 
-    def _launch(self, batch: ScheduleBatch) -> StepResult:
-        """Run the forward and sampling for `batch` without waiting for the device; every sampled
-        request gets a placeholder output token that `_process` resolves."""
+    def _process_inflight(self) -> list[TokenOutput]:
+        if self._inflight is None:
+            return []
+        result, self._inflight = self._inflight, None
+        return self._process(result)
+
+    def _forward(self, batch: ScheduleBatch) -> ForwardResult:
+        """Launch the batch's forward without waiting for the device. Needs no host token of an
+        in-flight step (placeholders are resolved on the device); the KV it writes keeps each
+        request's pages alive until the step is processed (`inflight_steps`)."""
         t0 = time.perf_counter()
         self.computed_tokens += batch.num_tokens
         echo = {it.req.rid for it in batch.items
@@ -207,26 +239,40 @@ class Engine:
             row += n
         for item, r0, n in echo_rows:
             self._record_prompt_logprobs(item, logits[r0: r0 + n])
-
-        out = None
-        if sampled:
-            reqs = [it.req for it in sampled]
-            info = SamplingBatch.build([r.params for r in reqs], [r.input_ids for r in reqs],
-                                       [r.output_ids for r in reqs], self.vocab_size, self.device,
-                                       default_seed=self.config.seed)
-            rows = logits if len(sample_rows) == logits.shape[0] else logits[sample_rows]
-            mask = self._grammar.fill_mask(reqs) if self._grammar is not None else None
-            out = self.sampler.sample(rows, info, mask)
-            slots = self.runner.futures.put(out.token_ids)
-            for req, slot in zip(reqs, slots):
-                req.output_ids.append(-1 - slot)
         for item in batch.items:
             item.req.num_computed += item.q_len
             item.req.inflight_steps += 1
-        result = StepResult(batch, sampled, self.runner.to_host(out), time.perf_counter() - t0)
+        if sampled and len(sample_rows) != logits.shape[0]:
+            logits = logits[sample_rows]
         if self.timeline is not None:
             self.timeline.end()
-        return result
+        return ForwardResult(batch, sampled, logits if sampled else None, time.perf_counter() - t0)
+
+    def _sample(self, fwd: ForwardResult) -> StepResult:
+        """Sample the forward's rows (grammar mask, penalties) without waiting for the device; every
+        sampled request gets a placeholder output token that `_process` resolves.
+
+        Under CUDA graphs the logits are a view of the graph's static output: this must run
+        before the next forward replays the graph.
+        """
+        t0 = time.perf_counter()
+        out = None
+        if fwd.sampled:
+            reqs = [it.req for it in fwd.sampled]
+            info = SamplingBatch.build([r.params for r in reqs], [r.input_ids for r in reqs],
+                                       [r.output_ids for r in reqs], self.vocab_size, self.device,
+                                       default_seed=self.config.seed)
+            mask = self._grammar.fill_mask(reqs) if self._grammar is not None else None
+            if self.timeline is not None:  # after the host work (mask filling included)
+                self.timeline.begin()
+            out = self.sampler.sample(fwd.logits, info, mask)
+            slots = self.runner.futures.put(out.token_ids)
+            for req, slot in zip(reqs, slots):
+                req.output_ids.append(-1 - slot)
+            if self.timeline is not None:
+                self.timeline.end()
+        host = self.runner.to_host(out)
+        return StepResult(fwd.batch, fwd.sampled, host, fwd.launch_time + time.perf_counter() - t0)
 
     def _process(self, result: StepResult) -> list[TokenOutput]:
         """Resolve a launched step's tokens on the host, finish requests, collect outputs."""

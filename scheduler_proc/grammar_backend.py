@@ -129,9 +129,11 @@ class GrammarBackend:
     def fill_mask(self, reqs: Sequence[Req]) -> Optional[torch.Tensor]:
         """The int32 bitmask [len(reqs), ceil(V/32)] on the engine's device, or None if no row has a grammar.
 
-        Rows of requests without a grammar allow everything (the sampler skips them anyway).
+        Rows of requests without a grammar allow everything (the sampler skips them anyway), and
+        so do rows of finished requests: under overlap a request can finish (its matcher may be
+        terminated) while its row is in the next batch, whose token for it is then dropped.
         """
-        grammars = [r.grammar for r in reqs]
+        grammars = [None if r.finished else r.grammar for r in reqs]
         n = sum(g is not None for g in grammars)
         if n == 0:
             return None

@@ -1,9 +1,10 @@
 """GPU busy/idle accounting for the step loop, from CUDA events (no host sync while running).
 
-The engine records an event when a step's first device work is enqueued (`begin`) and one after
-its last (`end`). The stream runs steps in launch order, so the time between `end` of step k and
-`begin` of step k+1 is time the device sat idle waiting for the host to launch the next step;
-with overlap scheduling it should be close to zero.
+The engine records an event just before it enqueues a stretch of device work (`begin`, after the
+host work the stretch needs) and one after its last kernel (`end`): a step's forward is one
+stretch, its sampling another (sampling may wait for the host to fill a grammar mask). The stream
+runs them in launch order, so the time between one stretch's `end` and the next one's `begin` is
+time the device sat idle waiting for the host; with overlap scheduling it should be close to zero.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 @dataclass
 class TimelineSummary:
-    steps: int
+    steps: int  # stretches of device work (a step's forward and its sampling are two)
     busy_s: float  # device time inside steps
     idle_s: float  # device time between consecutive steps
 
@@ -26,7 +27,8 @@ class TimelineSummary:
 
 
 class StepTimeline:
-    """Collects (begin, end) event pairs per step; `summary()` synchronizes and adds them up.
+    """Collects (begin, end) event pairs per stretch of device work; `summary()` synchronizes
+    and adds them up.
 
     Gaps longer than `max_gap_s` (the loop had no work, e.g. between benchmark phases) are not
     counted as idle.

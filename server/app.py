@@ -28,7 +28,8 @@ from server.engine_client import EngineClient, EngineDead, RequestGroup
 from server.metrics import Metrics
 from server.process_util import IpcPaths, ModelInfo
 from server.protocol import ProtocolError, error_body
-from server.structured import ToolResponder
+from server.structured import ToolResponder, detect_tool_format
+from tokenizer_proc.tokenizer import read_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,8 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
     model_name = config.model_name
     metrics = Metrics(model_name)
     created_at = int(time.time())
+    # Whether the chat template renders tools itself, and the model's tool-call syntax.
+    tool_format = detect_tool_format(read_chat_template(info.tokenizer_path))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -304,12 +307,12 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
     async def chat_completions(request: Request):
         req = await _body(request, protocol.ChatCompletionRequest)
         _check_model(req.model)
-        plan = protocol.plan_chat(req, info)
+        plan = protocol.plan_chat(req, info, tool_format)
         client = _client(request)
         n = plan.n
         gens = [ipc.GenerateRequest(rid=client.new_id(), params=protocol.choice_params(plan.params, j),
-                                    stream=plan.stream, messages=plan.messages, max_tokens=plan.max_tokens,
-                                    add_generation_prompt=req.add_generation_prompt,
+                                    stream=plan.stream, messages=plan.messages, tools=plan.template_tools,
+                                    max_tokens=plan.max_tokens, add_generation_prompt=req.add_generation_prompt,
                                     continue_final_message=req.continue_final_message)
                 for j in range(n)]
         group = client.generate(gens)
@@ -509,7 +512,7 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
         if (req.prompt is None) == (req.messages is None):
             raise ProtocolError("send exactly one of `prompt` and `messages`", "prompt")
         client = _client(request)
-        msgs = protocol.chat_messages(req.messages) if req.messages is not None else None
+        msgs = protocol.chat_messages(req.messages, tool_format) if req.messages is not None else None
         add_special = req.add_special_tokens if req.add_special_tokens is not None else msgs is None
         res = await client.call(ipc.TokenizeRequest(client.new_id(), req.prompt, msgs, add_special,
                                                     req.add_generation_prompt, req.return_token_strs))

@@ -8,7 +8,7 @@ abort can never overtake the request it aborts.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import msgspec
 
@@ -143,11 +143,51 @@ class SchedulerStats(msgspec.Struct, tag=True):
 # detokenizer -> server: BatchTextOutput, plus the scheduler's ErrorOutput / FlushCacheResult / SchedulerStats
 
 
+class ChatToolCall(msgspec.Struct, frozen=True):
+    """A tool call in an earlier assistant turn, for templates that render tool calls."""
+
+    id: str
+    name: str
+    arguments: Any  # a dict; the client's string when it was not a JSON object
+
+
 class ChatMessage(msgspec.Struct, frozen=True):
-    """One chat turn, its content already flattened to text by the API server."""
+    """One chat turn, its content already flattened to text by the API server.
+
+    `tool_calls` (assistant) and `tool_call_id` (tool results) are set only for chat templates that
+    render tools themselves; for the others the API server renders them into `content`.
+    """
 
     role: str
     content: str
+    tool_calls: Optional[list[ChatToolCall]] = None
+    tool_call_id: Optional[str] = None
+
+    def to_template(self) -> dict:
+        """The message as Hugging Face chat templates expect it (OpenAI's shape, dict arguments)."""
+        d: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function",
+                                "function": {"name": c.name, "arguments": c.arguments}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        return d
+
+
+class ChatTool(msgspec.Struct, frozen=True):
+    """A function the model may call, for chat templates that render the `tools` variable."""
+
+    name: str
+    parameters: dict[str, Any]  # JSON schema
+    description: Optional[str] = None
+
+    def to_template(self) -> dict:
+        """OpenAI's tool object (what transformers' apply_chat_template(tools=...) passes on)."""
+        fn: dict[str, Any] = {"name": self.name}
+        if self.description is not None:
+            fn["description"] = self.description
+        fn["parameters"] = self.parameters
+        return {"type": "function", "function": fn}
 
 
 class GenerateRequest(msgspec.Struct, tag=True):
@@ -156,12 +196,14 @@ class GenerateRequest(msgspec.Struct, tag=True):
     Exactly one of `messages` (chat: the tokenizer applies the chat template), `prompt_text` or
     `prompt_ids` is set. `max_tokens` None means "the rest of the context"; the tokenizer fills
     `params.max_new_tokens` from it after checking prompt + max_tokens against the context length.
+    `tools` go to the chat template's `tools` variable (only for templates that render them).
     """
 
     rid: str
     params: SamplingParams
     stream: bool = True
     messages: Optional[list[ChatMessage]] = None
+    tools: Optional[list[ChatTool]] = None
     prompt_text: Optional[str] = None
     prompt_ids: Optional[list[int]] = None
     max_tokens: Optional[int] = None

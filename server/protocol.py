@@ -15,9 +15,9 @@ from typing import Any, NamedTuple, Optional, Protocol, Union
 
 import msgspec
 
-from server.ipc import ChatMessage, SamplingParams
-from server.structured import StructuredOutputError, ToolPlan, grammar_from_request, prepare_tool_messages, \
-    structured_chat
+from server.ipc import ChatMessage, ChatTool, SamplingParams
+from server.structured import TEXT_TOOLS, StructuredOutputError, ToolFormat, ToolPlan, grammar_from_request, \
+    prepare_tool_messages, structured_chat
 
 
 class ProtocolError(ValueError):
@@ -321,17 +321,18 @@ def chat_message_dicts(messages: list[ChatMessageIn]) -> list[dict]:
         d: dict = {"role": m.role, "content": text}
         if m.tool_calls:
             d["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
         out.append(d)
     return out
 
 
-def _to_chat_messages(dicts: list[dict]) -> list[ChatMessage]:
-    return [ChatMessage(d["role"], d["content"]) for d in dicts]
-
-
-def chat_messages(messages: list[ChatMessageIn]) -> list[ChatMessage]:
-    """Messages for the chat template; tool calls and tool results rendered as text."""
-    return _to_chat_messages(prepare_tool_messages(chat_message_dicts(messages), None, supports_tools=False))
+def chat_messages(messages: list[ChatMessageIn], tool_format: ToolFormat = TEXT_TOOLS) -> list[ChatMessage]:
+    """Messages for the chat template (tool calls and results as the template takes them)."""
+    try:
+        return prepare_tool_messages(chat_message_dicts(messages), None, tool_format.native)
+    except StructuredOutputError as e:
+        raise ProtocolError(e.message, e.param) from e
 
 
 @dataclass
@@ -343,13 +344,15 @@ class ChatPlan:
     stream: bool
     include_usage: bool
     tools: Optional[ToolPlan] = None  # set when the request has tools (see server.structured)
+    template_tools: Optional[list[ChatTool]] = None  # the chat template's `tools` (native templates)
 
 
 def _include_usage(req: _SamplingFields) -> bool:
     return bool(req.stream and req.stream_options and req.stream_options.include_usage)
 
 
-def plan_chat(req: ChatCompletionRequest, limits: ModelLimits) -> ChatPlan:
+def plan_chat(req: ChatCompletionRequest, limits: ModelLimits, tool_format: ToolFormat = TEXT_TOOLS) -> ChatPlan:
+    """Validate a chat request; tool_format is the model's (`server.structured.detect_tool_format`)."""
     _check_unsupported(req, _UNSUPPORTED_CHAT)
     if req.modalities is not None and req.modalities != ["text"]:
         raise ProtocolError("only `modalities: [\"text\"]` is supported", "modalities")
@@ -366,12 +369,12 @@ def plan_chat(req: ChatCompletionRequest, limits: ModelLimits) -> ChatPlan:
     params = sampling_params(req, limits, max_tokens, bool(req.logprobs), req.top_logprobs or 0)
     try:
         sc = structured_chat(chat_message_dicts(req.messages), req.response_format, req.regex, req.ebnf,
-                             req.tools, req.tool_choice, req.parallel_tool_calls)
+                             req.tools, req.tool_choice, req.parallel_tool_calls, tool_format)
     except StructuredOutputError as e:
         raise ProtocolError(e.message, e.param) from e
     params.grammar = sc.grammar
-    return ChatPlan(_to_chat_messages(sc.messages), params, max_tokens, req.n or 1, bool(req.stream),
-                    _include_usage(req), sc.tools)
+    return ChatPlan(sc.messages, params, max_tokens, req.n or 1, bool(req.stream), _include_usage(req), sc.tools,
+                    sc.template_tools)
 
 
 @dataclass

@@ -9,18 +9,30 @@ Three jobs:
 2. Tools -> a `ToolPlan`: which grammar constrains the output and whether to parse tool calls.
 3. Output -> OpenAI objects: `message.tool_calls`, `finish_reason` "tool_calls", streaming deltas.
 
-The tool-call text format (Hermes / Qwen style, also what the grammar forces)::
+Where tools go depends on the model's chat template (`detect_tool_format`): a template that renders
+`tools` itself (Llama 3.1, Qwen2.5/3, Hermes, ...) gets them as the template's `tools` variable, as
+transformers' `apply_chat_template(tools=...)` does, with assistant tool calls and tool results as
+structured messages; any other template gets a system message describing the tools and the
+Hermes format below, with calls and results rendered as text.
+
+Call syntaxes (`CallSyntax`): what the grammar forces and the parser reads.
+  Hermes / Qwen (the default, and what the system message asks for)::
 
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
-With `tool_choice` "required" the output is one or more such blocks separated by a newline and
-nothing else (exactly one when `parallel_tool_calls` is false); a named tool_choice is the same
-with only that function allowed. With "auto" the model writes free text, and once it writes
-`<tool_call>` the rest of that block is forced to be a valid call. The one parser below reads all
-of these back, and also a bare JSON call (`{"name": ..., "arguments": ...}` or a list of them) as
-the whole output, which models without a tool template often produce.
+  Llama 3.1 JSON (templates that mention `<|python_tag|>`): the whole output is
+  `{"name": "get_weather", "parameters": {"city": "Paris"}}`, parallel calls separated by "; ".
+
+With `tool_choice` "required" the output is one or more calls separated by the syntax's separator
+and nothing else (exactly one when `parallel_tool_calls` is false); a named tool_choice is the same
+with only that function allowed. With "auto" the model writes free text; in Hermes syntax, once it
+writes `<tool_call>` the rest of that call is forced to be valid (Llama's calls have no opening
+that tells them from an ordinary JSON answer, so there "auto" is parsed, not constrained). The one
+parser below reads all of these back: Hermes blocks anywhere in the text, and a bare JSON call
+(`{"name": ..., "arguments" | "parameters": ...}`, a list of them, or several separated by ';',
+optionally after `<|python_tag|>`) as the whole output.
 """
 
 from __future__ import annotations
@@ -31,12 +43,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from server.ipc import GrammarSpec
+from server.ipc import ChatMessage, ChatTool, ChatToolCall, GrammarSpec
 
 TOOL_CALL_BEGIN = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
-_CALL_PREFIX = TOOL_CALL_BEGIN + '\n{"name": '
-_CALL_SUFFIX = "}\n" + TOOL_CALL_END
+PYTHON_TAG = "<|python_tag|>"  # Llama 3.x: may open a tool call (a special token, usually not decoded)
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 # Bounded whitespace inside constrained tool arguments: free whitespace lets a sampled model
 # wander forever in blank space and never close the call.
@@ -312,6 +323,76 @@ def _json_schema_spec(js: Any) -> GrammarSpec:
 
 
 @dataclass(frozen=True)
+class CallSyntax:
+    """How a model family writes one tool call: `begin {"name": "<fn>", "<arguments_key>": <args> end`.
+
+    separator: between parallel calls; trigger: the opening that, in free text ("auto"), starts a
+    call the grammar then constrains (every call's prefix starts with it); None when no opening
+    tells a call from ordinary text, and "auto" output is then only parsed.
+    """
+
+    name: str
+    arguments_key: str
+    begin: str
+    end: str
+    separator: str
+    trigger: Optional[str]
+
+    def call_prefix(self, function_name: str) -> str:
+        return f'{self.begin}{{"name": {json.dumps(function_name)}, "{self.arguments_key}": '
+
+
+HERMES = CallSyntax("hermes", "arguments", TOOL_CALL_BEGIN + "\n", "}\n" + TOOL_CALL_END, "\n", TOOL_CALL_BEGIN)
+# No trigger: `{"name": ` also opens ordinary JSON answers, which "auto" must leave alone.
+LLAMA3_JSON = CallSyntax("llama3_json", "parameters", "", "}", "; ", None)
+# Text only Llama 3.x tool templates contain (the python tag / the JSON tool-call instructions).
+_LLAMA3_MARKERS = (PYTHON_TAG, '"parameters": dictionary')
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    """What a model's chat template does with tools.
+
+    native: the template renders the `tools` variable and structured tool-call / tool-result
+    messages itself; else tools are described in a system message and calls rendered as text.
+    syntax: how the model writes calls (forced by the grammar, read by the parser).
+    """
+
+    native: bool
+    syntax: CallSyntax
+
+
+TEXT_TOOLS = ToolFormat(native=False, syntax=HERMES)
+
+
+def template_supports_tools(chat_template: Optional[str]) -> bool:
+    """Whether a Jinja chat template reads the `tools` variable (so it renders tools itself)."""
+    if not chat_template:
+        return False
+    import jinja2  # noqa: PLC0415 - only needed once, when the server starts
+    import jinja2.meta  # noqa: PLC0415
+
+    try:
+        ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(chat_template)
+    except jinja2.TemplateSyntaxError:
+        return False  # rendering fails too, with a clear error per request
+    return "tools" in jinja2.meta.find_undeclared_variables(ast)
+
+
+def detect_tool_format(chat_template: Optional[str]) -> ToolFormat:
+    """The ToolFormat of a model's chat template (None or a template without tools: TEXT_TOOLS).
+
+    A native template is read as Llama 3.1 JSON when it has Llama's markers, else as Hermes /
+    Qwen (`<tool_call>`), which is also what unknown native templates are constrained to.
+    """
+    if not template_supports_tools(chat_template):
+        return TEXT_TOOLS
+    if any(marker in chat_template for marker in _LLAMA3_MARKERS):
+        return ToolFormat(native=True, syntax=LLAMA3_JSON)
+    return ToolFormat(native=True, syntax=HERMES)
+
+
+@dataclass(frozen=True)
 class ToolFunction:
     name: str
     parameters: dict
@@ -394,11 +475,12 @@ def _tool_choice(tool_choice: Any, names: set[str]) -> tuple[str, Optional[str]]
 
 
 def plan_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: Optional[bool] = True, *,
-               constrain_auto: bool = True) -> Optional[ToolPlan]:
+               constrain_auto: bool = True, syntax: CallSyntax = HERMES) -> Optional[ToolPlan]:
     """The ToolPlan for a chat request, or None without tools. Raises StructuredOutputError.
 
-    constrain_auto: with tool_choice "auto", force any `<tool_call>` block the model opens to
-    be a valid call (free text elsewhere).
+    constrain_auto: with tool_choice "auto", force any call the model opens (`syntax.trigger`,
+    when the syntax has one) to be a valid call (free text elsewhere).
+    syntax: how the model writes calls (its chat template's format; see `detect_tool_format`).
     """
     if tools is None or tools == []:
         tc = _as_dict(tool_choice)
@@ -414,34 +496,37 @@ def plan_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: Optiona
         functions = [f for f in functions if f.name == named]
     grammar = None
     if mode in ("required", "named"):
-        grammar = tool_call_grammar(functions, parallel=parallel, forced=True)
-    elif constrain_auto:
-        grammar = tool_call_grammar(functions, parallel=parallel, forced=False)
+        grammar = tool_call_grammar(functions, parallel=parallel, forced=True, syntax=syntax)
+    elif constrain_auto and syntax.trigger is not None:
+        grammar = tool_call_grammar(functions, parallel=parallel, forced=False, syntax=syntax)
     return ToolPlan(tuple(functions), mode, parallel, grammar, parse=True)
 
 
-def _call_tag(fn: ToolFunction) -> dict:
+def _call_tag(fn: ToolFunction, syntax: CallSyntax) -> dict:
     return {
         "type": "tag",
-        "begin": _CALL_PREFIX + json.dumps(fn.name) + ', "arguments": ',
+        "begin": syntax.call_prefix(fn.name),
         "content": {"type": "json_schema", "json_schema": fn.parameters,
                     "max_whitespace_cnt": _MAX_ARG_WHITESPACE},
-        "end": _CALL_SUFFIX,
+        "end": syntax.end,
     }
 
 
-def tool_call_grammar(functions: Sequence[ToolFunction], *, parallel: bool, forced: bool) -> GrammarSpec:
-    """An xgrammar structural tag for tool calls in the format of this module's docstring.
+def tool_call_grammar(functions: Sequence[ToolFunction], *, parallel: bool, forced: bool,
+                      syntax: CallSyntax = HERMES) -> GrammarSpec:
+    """An xgrammar structural tag for tool calls in `syntax` (see the module docstring).
 
     forced: the output is only calls (at least one); otherwise free text in which each
-    `<tool_call>` opens a constrained call. parallel=False allows one call at most.
+    `syntax.trigger` opens a constrained call. parallel=False allows one call at most.
     """
-    tags = [_call_tag(f) for f in functions]
+    if not forced and syntax.trigger is None:
+        raise ValueError(f"{syntax.name} calls have no trigger to constrain free text with")
+    tags = [_call_tag(f, syntax) for f in functions]
     if forced:
-        fmt = {"type": "tags_with_separator", "tags": tags, "separator": "\n",
+        fmt = {"type": "tags_with_separator", "tags": tags, "separator": syntax.separator,
                "at_least_one": True, "stop_after_first": not parallel}
     else:
-        fmt = {"type": "triggered_tags", "triggers": [TOOL_CALL_BEGIN], "tags": tags,
+        fmt = {"type": "triggered_tags", "triggers": [syntax.trigger], "tags": tags,
                "at_least_one": False, "stop_after_first": not parallel}
     return GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": fmt}))
 
@@ -509,13 +594,37 @@ def _call_from_obj(obj: Any, names: frozenset[str]) -> Optional[ToolCall]:
     return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
+def _json_values(text: str) -> Optional[list[Any]]:
+    """The JSON values that make up `text`: one, or several separated by ';'; None otherwise."""
+    decoder = json.JSONDecoder()
+    values, i, n = [], 0, len(text)
+    while True:
+        while i < n and text[i].isspace():
+            i += 1
+        try:
+            value, i = decoder.raw_decode(text, i)
+        except ValueError:
+            return None
+        values.append(value)
+        while i < n and text[i].isspace():
+            i += 1
+        if i == n:
+            return values
+        if text[i] != ";":
+            return None
+        i += 1
+
+
 def _calls_from_json(text: str, names: frozenset[str]) -> Optional[list[ToolCall]]:
-    """A bare JSON call or list of calls as the whole text; None when it is anything else."""
-    try:
-        obj = json.loads(text)
-    except ValueError:
+    """A bare JSON call, a list of calls, or calls separated by ';' (Llama 3.1), optionally after
+    `<|python_tag|>`, as the whole text; None when it is anything else."""
+    text = text.strip()
+    if text.startswith(PYTHON_TAG):
+        text = text[len(PYTHON_TAG):]
+    values = _json_values(text)
+    if values is None:
         return None
-    items = obj if isinstance(obj, list) else [obj]
+    items = values[0] if len(values) == 1 and isinstance(values[0], list) else values
     calls = [_call_from_obj(o, names) for o in items]
     if not calls or any(c is None for c in calls):
         return None
@@ -535,8 +644,8 @@ class ToolCallStreamParser:
 
     feed(text) returns the events that are certain so far; finish() flushes the rest. Text that
     could still be the start of a `<tool_call>` is held back; whitespace around calls is dropped;
-    an output whose first non-blank character is '{' or '[' is held to the end and, if it is a
-    bare JSON call (or list of calls), becomes calls, else content.
+    an output that starts (after blanks) with '{', '[' or `<|python_tag|>` is held to the end and,
+    if it is a bare JSON call (or list of calls), becomes calls, else content.
     """
 
     def __init__(self, tool_names: Sequence[str]):
@@ -553,9 +662,9 @@ class ToolCallStreamParser:
         self._buf += text
         if self._bare_json is None:
             stripped = self._buf.lstrip()
-            if not stripped:
-                return []
-            self._bare_json = stripped[0] in "{["
+            if not stripped or PYTHON_TAG.startswith(stripped):
+                return []  # nothing yet, or maybe the start of <|python_tag|>
+            self._bare_json = stripped[0] in "{[" or stripped.startswith(PYTHON_TAG)
         if self._bare_json:
             return []
         return self._drain(final=False)
@@ -563,7 +672,7 @@ class ToolCallStreamParser:
     def finish(self) -> list[StreamEvent]:
         if self._bare_json:
             text, self._buf = self._buf, ""
-            calls = _calls_from_json(text.strip(), self._names)
+            calls = _calls_from_json(text, self._names)
             if calls is not None:
                 return self._emit_calls(calls)
             return [ContentDelta(text)]
@@ -719,11 +828,6 @@ class ToolResponder:
 # ============================================================================ chat template input
 
 
-def template_supports_tools(chat_template: Optional[str]) -> bool:
-    """Whether a Jinja chat template renders `tools` itself (else we describe them in a system message)."""
-    return bool(chat_template) and "tools" in chat_template
-
-
 def tools_system_prompt(plan: ToolPlan) -> str:
     """A Hermes-style system prompt that tells a model without a tool template how to call tools."""
     specs = "\n".join(json.dumps({"type": "function", "function": {
@@ -750,45 +854,62 @@ def _text_of(content: Any) -> str:
     return str(content)
 
 
-def prepare_tool_messages(messages: Sequence[Any], plan: Optional[ToolPlan], supports_tools: bool) -> list[dict]:
+def _message_calls(message: dict, index: int) -> list[ChatToolCall]:
+    """An assistant message's OpenAI `tool_calls`, checked, with arguments parsed to a dict when
+    they are a JSON object string (what templates expect). Raises StructuredOutputError."""
+    calls = []
+    for j, call in enumerate(message.get("tool_calls") or []):
+        param = f"messages[{index}].tool_calls[{j}]"
+        call = _as_dict(call)
+        fn = _as_dict(call.get("function")) if isinstance(call, dict) else None
+        if (not isinstance(fn, dict) or not isinstance(fn.get("name"), str)
+                or call.get("type", "function") != "function"):
+            raise StructuredOutputError("a tool call must be {'id': ..., 'type': 'function', 'function': "
+                                        "{'name': ..., 'arguments': ...}}", param)
+        call_id = call.get("id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise StructuredOutputError("a tool call's id must be a string", param + ".id")
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            parsed = _loads_or_none(args)
+            args = parsed if isinstance(parsed, dict) else args
+        elif not isinstance(args, dict):
+            raise StructuredOutputError("function.arguments must be a JSON string or an object",
+                                        param + ".function.arguments")
+        calls.append(ChatToolCall(call_id or make_tool_call_id(), fn["name"], args))
+    return calls
+
+
+def prepare_tool_messages(messages: Sequence[Any], plan: Optional[ToolPlan], native: bool) -> list[ChatMessage]:
     """Chat messages ready for the template, with tool calls and tool results rendered.
 
-    With a template that renders tools itself, assistant tool-call arguments become dicts (what
-    Hugging Face templates expect) and messages are otherwise unchanged; pass the tools to
-    `apply_chat_template(tools=...)`. Without one, tools are described in the system message,
-    assistant tool calls become `<tool_call>` text and tool results `<tool_response>` text.
+    native (the template renders tools itself): assistant tool calls and tool results stay
+    structured (`tool_calls` with dict arguments, `tool_call_id`), and the tools go to the
+    template's `tools` variable. Otherwise tools are described in a system message, assistant
+    tool calls become `<tool_call>` text and tool results `<tool_response>` text.
+    Raises StructuredOutputError for a malformed assistant tool call.
     """
-    out: list[dict] = []
-    for m in map(_as_dict, messages):
-        m = dict(m)
-        role = m.get("role")
-        calls = m.get("tool_calls") or []
-        if supports_tools:
-            if calls:
-                m["tool_calls"] = [_template_call(c) for c in calls]
-            out.append(m)
-            continue
-        if role == "assistant" and calls:
-            blocks = []
-            for c in calls:
-                fn = _as_dict(_as_dict(c).get("function", {}))
-                args = _loads_or_none(fn.get("arguments", "{}")) if isinstance(fn.get("arguments"), str) \
-                    else fn.get("arguments")
-                blocks.append(TOOL_CALL_BEGIN + "\n" + json.dumps({"name": fn.get("name"), "arguments": args},
-                                                                  ensure_ascii=False) + "\n" + TOOL_CALL_END)
-            text = _text_of(m.get("content"))
-            m = {"role": "assistant", "content": (text + "\n" if text else "") + "\n".join(blocks)}
+    out: list[ChatMessage] = []
+    for i, m in enumerate(map(_as_dict, messages)):
+        role, text = m.get("role"), _text_of(m.get("content"))
+        calls = _message_calls(m, i)
+        if native:
+            out.append(ChatMessage(role, text, calls or None, m.get("tool_call_id")))
+        elif role == "assistant" and calls:
+            blocks = [TOOL_CALL_BEGIN + "\n" + json.dumps({"name": c.name, "arguments": c.arguments},
+                                                          ensure_ascii=False) + "\n" + TOOL_CALL_END
+                      for c in calls]
+            out.append(ChatMessage(role, (text + "\n" if text else "") + "\n".join(blocks)))
         elif role == "tool":
-            m = {"role": "tool", "content": "<tool_response>\n" + _text_of(m.get("content")) + "\n</tool_response>"}
+            out.append(ChatMessage(role, "<tool_response>\n" + text + "\n</tool_response>"))
         else:
-            m = {"role": role, "content": _text_of(m.get("content"))}
-        out.append(m)
-    if plan is not None and plan.mode != "none" and not supports_tools:
+            out.append(ChatMessage(role, text))
+    if plan is not None and plan.mode != "none" and not native:
         prompt = tools_system_prompt(plan)
-        if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + prompt}
+        if out and out[0].role == "system":
+            out[0] = ChatMessage("system", out[0].content + "\n\n" + prompt)
         else:
-            out.insert(0, {"role": "system", "content": prompt})
+            out.insert(0, ChatMessage("system", prompt))
     return out
 
 
@@ -798,38 +919,33 @@ class StructuredChat:
 
     grammar: Optional[GrammarSpec]  # goes into SamplingParams.grammar
     tools: Optional[ToolPlan]  # for ToolResponder; None without tools
-    messages: list[dict]  # role / content messages for the chat template
+    messages: list[ChatMessage]  # for the chat template
+    template_tools: Optional[list[ChatTool]] = None  # the template's `tools` (native templates only)
 
 
 def structured_chat(messages: Sequence[Any], response_format: Any = None, regex: Optional[str] = None,
                     ebnf: Optional[str] = None, tools: Any = None, tool_choice: Any = None,
-                    parallel_tool_calls: Optional[bool] = None) -> StructuredChat:
+                    parallel_tool_calls: Optional[bool] = None,
+                    tool_format: ToolFormat = TEXT_TOOLS) -> StructuredChat:
     """Resolve a chat request's response_format / regex / ebnf / tools into one StructuredChat.
 
     A forced tool choice (required / named) cannot be combined with another output constraint
     (400); with "auto" an explicit response_format wins and tool calls are still parsed.
-    Messages with tool calls and tool results are rendered for a template without tool support.
+    tool_format: the model's (`detect_tool_format`): where tools go and the call syntax.
     """
     grammar = grammar_from_request(response_format, regex, ebnf)
-    plan = plan_tools(tools, tool_choice, parallel_tool_calls)
+    plan = plan_tools(tools, tool_choice, parallel_tool_calls, syntax=tool_format.syntax)
     if plan is not None and plan.grammar is not None:
         if grammar is not None and plan.mode in ("required", "named"):
             raise StructuredOutputError("tool_choice 'required' or a named function cannot be combined with "
                                         "response_format, regex or ebnf", "tool_choice")
         if grammar is None:
             grammar = plan.grammar
-    return StructuredChat(grammar, plan, prepare_tool_messages(messages, plan, supports_tools=False))
-
-
-def _template_call(call: Any) -> dict:
-    c = dict(_as_dict(call))
-    fn = dict(_as_dict(c.get("function", {})))
-    if isinstance(fn.get("arguments"), str):
-        parsed = _loads_or_none(fn["arguments"])
-        if isinstance(parsed, dict):
-            fn["arguments"] = parsed
-    c["function"] = fn
-    return c
+    template_tools = None
+    if tool_format.native and plan is not None and plan.mode != "none":
+        template_tools = [ChatTool(f.name, f.parameters, f.description) for f in plan.functions]
+    return StructuredChat(grammar, plan, prepare_tool_messages(messages, plan, tool_format.native),
+                          template_tools)
 
 
 __all__ = [
@@ -838,6 +954,7 @@ __all__ = [
     "plan_tools", "tool_call_grammar", "ToolCall", "ContentDelta", "ToolCallDelta", "StreamEvent",
     "ToolParseResult", "ToolCallStreamParser", "parse_tool_calls", "tool_finish_reason", "ToolResponder",
     "make_tool_call_id", "template_supports_tools", "tools_system_prompt", "prepare_tool_messages",
-    "StructuredChat", "structured_chat",
+    "StructuredChat", "structured_chat", "CallSyntax", "HERMES", "LLAMA3_JSON", "ToolFormat", "TEXT_TOOLS",
+    "detect_tool_format",
     "TOOL_CALL_BEGIN", "TOOL_CALL_END",
 ]

@@ -27,7 +27,7 @@ from scheduler_proc.grammar_backend import REJECTED, TERMINATED, GrammarBackend 
 from scheduler_proc.request import Req  # noqa: E402
 from server.bench.tokenizer import chat_token_ids  # noqa: E402
 from server.ipc import GrammarSpec, SamplingParams  # noqa: E402
-from server.structured import parse_tool_calls, plan_tools  # noqa: E402
+from server.structured import HERMES, LLAMA3_JSON, parse_tool_calls, plan_tools  # noqa: E402
 
 EOS = 2
 VOCAB = 49152
@@ -196,10 +196,12 @@ TOOLS = [
 PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 
-@pytest.mark.parametrize("choice,parallel", [("required", True), ("required", False),
-                                             ({"type": "function", "function": {"name": "get_time"}}, True)])
-def test_forced_tool_calls_parse_and_validate(choice, parallel, manager, tokenizer, closers):
-    plan = plan_tools(TOOLS, choice, parallel)
+@pytest.mark.parametrize("choice,parallel,syntax", [
+    ("required", True, HERMES), ("required", False, HERMES),
+    ({"type": "function", "function": {"name": "get_time"}}, True, HERMES),
+    ("required", True, LLAMA3_JSON), ("required", False, LLAMA3_JSON)])
+def test_forced_tool_calls_parse_and_validate(choice, parallel, syntax, manager, tokenizer, closers):
+    plan = plan_tools(TOOLS, choice, parallel, syntax=syntax)
     compiled = manager.compile(plan.grammar)
     counts = []
     for seed in range(10):
@@ -429,3 +431,62 @@ def test_engine_integration(tokenizer):
     eng.check_no_leaks()
     stats = eng.stats()
     assert stats.grammar_cache_misses >= 2 and stats.grammar_compile_failures >= 1
+
+
+def test_overlap_matches_plain_loop_with_grammar_and_penalties(tokenizer):
+    """Grammar, penalty and plain rows in one batch: the overlap loop (forward of step k+1 launched
+    before step k is processed; sampling waits for the matchers) gives the plain loop's tokens."""
+    from scheduler_proc.engine import Engine
+    from server.config import ServerConfig
+
+    eng = Engine(ServerConfig(model=_model_dir(), dtype="float32", device="cpu"))
+
+    def chat(text):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+
+    schema = GrammarSpec("json_schema", json.dumps(SCHEMAS["int_ranges"]))
+    short = GrammarSpec("regex", r"(yes|no), because [a-z]{2,6}")  # ends mid-batch
+    cases = [  # (prompt, params); seeded sampling must also match (its draws depend only on the seed)
+        ("Give me an age and a temperature as JSON.", dict(grammar=schema, temperature=0)),
+        ("Describe a person as JSON.", dict(grammar=schema, temperature=1.0, seed=7)),
+        ("Is the sea blue? Answer briefly.", dict(grammar=short, temperature=0)),
+        ("Is the sky green?", dict(grammar=short, temperature=0.8, seed=1)),
+        ("Write a haiku about the sea.", dict(temperature=0, repetition_penalty=1.3, frequency_penalty=0.5)),
+        ("List three fruits.", dict(temperature=0.9, seed=5, presence_penalty=0.8)),
+        ("What is the capital of France?", dict(temperature=0)),  # ends with EOS mid-batch
+        ("Tell me a fact about 3.", dict(temperature=1.0, seed=11)),
+    ]
+    prompts = [chat(text) for text, _ in cases]
+    params = [SamplingParams(max_new_tokens=24, **kw) for _, kw in cases]
+    eng.generate(prompts[:1], params[:1])  # compiles the schema: both runs start with it cached
+
+    # Record whether each forward of a batch with in-flight grammar rows started before that
+    # in-flight step was processed (the forward does not wait for the mask).
+    overlapped = []
+    forward = eng._forward
+
+    def spy(batch):
+        waiting = [it for it in batch.items if it.req.grammar is not None and it.req.num_resolved < len(it.req.output_ids)]
+        if waiting:
+            overlapped.append(eng._inflight is not None)
+        return forward(batch)
+
+    eng._forward = spy
+    runs = {}
+    for overlap in (False, True):
+        eng.overlap = overlap
+        assert eng.flush_cache()
+        runs[overlap] = eng.generate(prompts, params)
+        assert eng._inflight is None and not eng.requests
+        eng.check_no_leaks()
+    for i, (plain, over) in enumerate(zip(runs[False], runs[True])):
+        assert over.output_ids == plain.output_ids, f"case {i}: {over.output_ids} != {plain.output_ids}"
+        assert over.finish_reason == plain.finish_reason
+        assert all(t >= 0 for t in over.output_ids)
+    finishes = [o.finish_reason for o in runs[True]]
+    assert finishes[2] == finishes[3] == "stop" and finishes[6] == "stop"
+    assert re.fullmatch(r"(yes|no), because [a-z]{2,6}", tokenizer.decode(runs[True][2].output_ids[:-1]))
+    if finishes[0] == "stop":
+        json.loads(tokenizer.decode(runs[True][0].output_ids[:-1]))
+    assert overlapped and all(overlapped), overlapped

@@ -34,8 +34,9 @@ class TokenizerWorker:
 
     def prompt_ids(self, req: ipc.GenerateRequest) -> list[int]:
         if req.messages is not None:
-            msgs = [{"role": m.role, "content": m.content} for m in req.messages]
-            return self.tok.encode_chat(msgs, req.add_generation_prompt, req.continue_final_message)
+            msgs = [m.to_template() for m in req.messages]
+            tools = [t.to_template() for t in req.tools] if req.tools else None
+            return self.tok.encode_chat(msgs, req.add_generation_prompt, req.continue_final_message, tools)
         if req.prompt_text is not None:
             return self.tok.encode(req.prompt_text)
         return list(req.prompt_ids or [])
@@ -72,7 +73,7 @@ class TokenizerWorker:
     def tokenize(self, req: ipc.TokenizeRequest) -> ipc.TokenizeResult:
         try:
             if req.messages is not None:
-                msgs = [{"role": m.role, "content": m.content} for m in req.messages]
+                msgs = [m.to_template() for m in req.messages]
                 text = self.tok.render_chat(msgs, req.add_generation_prompt)
                 ids = self.tok.encode(text, add_special_tokens=req.add_special_tokens)
             else:

@@ -45,6 +45,30 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def _read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def read_chat_template(path: str, config: Optional[dict] = None) -> Optional[str]:
+    """The chat template of a tokenizer directory (as transformers finds it), or None.
+
+    `chat_template.jinja` wins, then `chat_template.json`, then tokenizer_config.json's
+    `chat_template` (its "default" entry when it holds named templates). Cheap: reads text only.
+    """
+    root = Path(path)
+    jinja_file = root / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = (_read_json(root / "chat_template.json") or {}).get("chat_template")
+    if config is None:
+        config = _read_json(root / "tokenizer_config.json") or {}
+    template = template or config.get("chat_template")
+    if isinstance(template, list):  # named templates: use "default"
+        named = {t["name"]: t["template"] for t in template}
+        template = named.get("default")
+    return template
+
+
 class TextTokenizer:
     """Encode, decode and render chat prompts for one model's tokenizer directory."""
 
@@ -54,26 +78,11 @@ class TextTokenizer:
         if not tok_file.is_file():
             raise TokenizerError(f"{root} has no tokenizer.json (a fast tokenizer is required)")
         self.tokenizer = Tokenizer.from_file(str(tok_file))
-        config = self._read_json(root / "tokenizer_config.json") or {}
+        config = _read_json(root / "tokenizer_config.json") or {}
         self.special_tokens = {k: _token_text(config.get(k)) for k in _SPECIAL_KEYS if config.get(k) is not None}
-        self.chat_template = self._find_template(root, config)
+        self.chat_template = read_chat_template(path, config)
         self._compiled = None
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
-
-    @staticmethod
-    def _read_json(path: Path) -> Optional[dict]:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-    def _find_template(self, root: Path, config: dict) -> Optional[str]:
-        jinja_file = root / "chat_template.jinja"
-        if jinja_file.is_file():
-            return jinja_file.read_text(encoding="utf-8")
-        template = (self._read_json(root / "chat_template.json") or {}).get("chat_template")
-        template = template or config.get("chat_template")
-        if isinstance(template, list):  # named templates: use "default"
-            named = {t["name"]: t["template"] for t in template}
-            template = named.get("default")
-        return template
 
     # ------------------------------------------------------------------ encode / decode
 
@@ -91,8 +100,10 @@ class TextTokenizer:
     # ------------------------------------------------------------------ chat
 
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True,
-                    continue_final_message: bool = False) -> str:
-        """The prompt text for `messages` (list of {"role", "content"} dicts)."""
+                    continue_final_message: bool = False, tools: Optional[Sequence[dict]] = None) -> str:
+        """The prompt text for `messages` (OpenAI-shaped dicts: role, content, and tool_calls /
+        tool_call_id where the template renders them); `tools` (OpenAI tool objects) go to the
+        template's `tools` variable, as with transformers' apply_chat_template(tools=...)."""
         if self.chat_template is None:
             raise TokenizerError("this model has no chat template; use /v1/completions instead")
         if continue_final_message and add_generation_prompt:
@@ -105,7 +116,8 @@ class TextTokenizer:
             self._compiled = env.from_string(self.chat_template)
         try:
             text = self._compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                         tools=None, documents=None, **self.special_tokens)
+                                         tools=list(tools) if tools else None, documents=None,
+                                         **self.special_tokens)
         except jinja2.exceptions.TemplateError as e:
             raise TokenizerError(f"chat template error: {e}") from e
         if continue_final_message:
@@ -118,7 +130,7 @@ class TextTokenizer:
         return text
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True,
-                    continue_final_message: bool = False) -> list[int]:
+                    continue_final_message: bool = False, tools: Optional[Sequence[dict]] = None) -> list[int]:
         # The template already holds the special tokens (as transformers does: no extra BOS).
-        return self.encode(self.render_chat(messages, add_generation_prompt, continue_final_message),
+        return self.encode(self.render_chat(messages, add_generation_prompt, continue_final_message, tools),
                            add_special_tokens=False)
