@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jinja2
 import pytest
@@ -22,6 +23,9 @@ WEATHER = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 TIME = {"type": "function", "function": {"name": "get_time"}}
 NAMES = ["get_weather", "get_time"]
+
+
+SMOL_LIMITS = SimpleNamespace(vocab_size=49152, max_model_len=8192)  # what ModelInfo reports
 
 
 def test_no_heavy_imports():
@@ -511,7 +515,7 @@ def test_native_template_renders_tools_like_transformers(tmp_path, template):
                 {"role": "tool", "tool_call_id": "call_1", "content": "18C and sunny"},
                 {"role": "user", "content": "And tomorrow?"}]
     body = json.dumps({"messages": messages, "tools": [WEATHER, TIME], "tool_choice": "auto"}).encode()
-    plan = protocol.plan_chat(protocol.decode_body(body, protocol.ChatCompletionRequest), 49152, tool_format)
+    plan = protocol.plan_chat(protocol.decode_body(body, protocol.ChatCompletionRequest), SMOL_LIMITS, tool_format)
     assert [t.name for t in plan.template_tools] == NAMES and plan.tools.parse
     if tool_format.syntax == HERMES:
         assert json.loads(plan.params.grammar.spec)["format"]["triggers"] == ["<tool_call>"]
@@ -540,5 +544,5 @@ def test_native_template_renders_tools_like_transformers(tmp_path, template):
 
     # tool_choice "none": no tools for the template; the earlier calls still render natively.
     body = json.dumps({"messages": messages, "tools": [WEATHER], "tool_choice": "none"}).encode()
-    none = protocol.plan_chat(protocol.decode_body(body, protocol.ChatCompletionRequest), 49152, tool_format)
+    none = protocol.plan_chat(protocol.decode_body(body, protocol.ChatCompletionRequest), SMOL_LIMITS, tool_format)
     assert none.template_tools is None and none.params.grammar is None and none.messages == plan.messages
