@@ -77,8 +77,21 @@ class RunStats:
         return 1e3 * self.mask_fill_s / self.mask_fills if self.mask_fills else 0.0
 
 
+def check_grammar(eng: Engine, outs, spec: GrammarSpec) -> None:
+    """Every constrained output must be accepted token by token by a fresh matcher: the mask was
+    honoured (on the device, under overlap) for every row and step."""
+    manager = eng.grammar_backend.manager
+    compiled = manager.compile(spec)
+    for o in outs:
+        matcher = manager.new_matcher(compiled)
+        bad = next((i for i, t in enumerate(o.output_ids) if not matcher.accept_token(t)), None)
+        if bad is not None:
+            raise RuntimeError(f"{o.rid}: output token {bad} ({o.output_ids[bad]}) breaks the grammar")
+
+
 def run(eng: Engine, ps: list[list[int]], params: list[SamplingParams]) -> RunStats:
-    """Generate all prompts together; every request must produce exactly its max_new_tokens."""
+    """Generate all prompts together; every request must produce exactly its max_new_tokens, and
+    a constrained one only what its grammar allows."""
     cuda = eng.device.type == "cuda"
     if cuda:
         import torch
@@ -100,6 +113,8 @@ def run(eng: Engine, ps: list[list[int]], params: list[SamplingParams]) -> RunSt
     if tokens != expected:
         raise RuntimeError(f"the runs are not comparable: {tokens} tokens generated, {expected} expected "
                            f"(finish reasons {sorted({o.finish_reason for o in outs})})")
+    if params[0].grammar is not None:
+        check_grammar(eng, outs, params[0].grammar)
     return RunStats(seconds, tokens, eng.num_steps - steps0, fill1.fill_seconds - fill0.fill_seconds,
                     fill1.fill_calls - fill0.fill_calls, idle)
 

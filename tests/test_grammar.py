@@ -490,3 +490,23 @@ def test_overlap_matches_plain_loop_with_grammar_and_penalties(tokenizer):
     if finishes[0] == "stop":
         json.loads(tokenizer.decode(runs[True][0].output_ids[:-1]))
     assert overlapped and all(overlapped), overlapped
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bitmask_on_cuda_matches_cpu():
+    """The grammar mask applied on the device (xgrammar's CUDA kernel, pinned host mask copied
+    without blocking) bans exactly what the CPU path bans."""
+    from scheduler_proc.sampling import Sampler, SamplingBatch
+
+    B, g = 8, torch.Generator().manual_seed(3)
+    bitmask = xgr.allocate_token_bitmask(B, VOCAB)
+    bitmask.copy_(torch.randint(-2**31, 2**31 - 1, bitmask.shape, generator=g, dtype=torch.int64).to(torch.int32))
+    params = [SamplingParams(temperature=0.0, grammar=GrammarSpec("json_object"))] * B
+    logits = torch.randn(B, VOCAB, generator=g)
+    cpu = logits.clone()
+    Sampler(VOCAB, [EOS]).process_logits(cpu, SamplingBatch.build(params, [[]] * B, [[]] * B, VOCAB, "cpu"), bitmask)
+    gpu = logits.cuda()
+    Sampler(VOCAB, [EOS], "cuda").process_logits(
+        gpu, SamplingBatch.build(params, [[]] * B, [[]] * B, VOCAB, "cuda"), bitmask.pin_memory())
+    assert torch.equal(cpu, gpu.cpu()) and torch.isinf(cpu).any() and torch.isfinite(cpu).any()
