@@ -236,7 +236,17 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
             return None, _error_response(error.status, error.message, param=error.param)
         return first, None
 
-    async def _collect(group: RequestGroup, request: Request, n: int) -> list[_Choice]:
+    async def _collect(group: RequestGroup, first, request: Request, n: int):
+        """All `n` choices of a non-streamed group (after its `first` outputs), or instead the
+        response to send (client gone, or an error from one of the choices)."""
+        group.items[:0] = first
+        try:
+            choices = await _gather(group, request, n)
+        except ClientGone:
+            return None, Response(status_code=499)
+        return choices, _choices_error(choices)
+
+    async def _gather(group: RequestGroup, request: Request, n: int) -> list[_Choice]:
         choices = [_Choice() for _ in range(n)]
         try:
             while True:
@@ -323,12 +333,7 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
             return refusal
 
         if not plan.stream:
-            group.items[:0] = first
-            try:
-                choices = await _collect(group, request, n)
-            except ClientGone:
-                return Response(status_code=499)
-            error = _choices_error(choices)
+            choices, error = await _collect(group, first, request, n)
             if error is not None:
                 return error
             out = []
@@ -424,12 +429,7 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
             return protocol.completion_logprobs(choices[i].take_logprobs(), offset, prompt)
 
         if not plan.stream:
-            group.items[:0] = first
-            try:
-                choices = await _collect(group, request, len(gens))
-            except ClientGone:
-                return Response(status_code=499)
-            error = _choices_error(choices)
+            choices, error = await _collect(group, first, request, len(gens))
             if error is not None:
                 return error
             out = []
