@@ -142,14 +142,18 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--overlap", action="store_true", help="run the overlap loop")
+    ap.add_argument("--mask-threads", type=int, default=None,
+                    help="threads filling the bitmask (default: the engine's, default_mask_threads)")
     args = ap.parse_args()
 
     eng = Engine(ServerConfig(dtype=args.dtype, device="cpu", disable_radix_cache=True))
     eng.overlap = args.overlap
+    if args.mask_threads:
+        eng.grammar_backend.set_mask_threads(args.mask_threads)
     free, con = compare(eng, args.batch, args.new_tokens, args.repeats)
     stats = eng.grammar_backend.manager.stats
     print(f"batch {args.batch} x {args.new_tokens} new tokens, {args.dtype}, temperature 1, "
-          f"overlap {eng.overlap}")
+          f"overlap {eng.overlap}, {eng.grammar_backend.mask_threads} mask threads")
     print(f"unconstrained : {free.tok_s:8.1f} tok/s")
     print(f"json_schema   : {con.tok_s:8.1f} tok/s   ratio {con.tok_s / free.tok_s:.3f}")
     print(f"mask fill     : {con.fill_ms_per_step:.3f} ms per step ({args.batch} rows), "

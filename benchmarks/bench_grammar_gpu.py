@@ -1,7 +1,7 @@
 """Cost of grammar-constrained decoding on the GPU: batch 64 JSON-schema vs unconstrained (target >= 0.9x).
 
     python benchmarks/bench_grammar_gpu.py --tokenizer DIR [--model configs/llama-3.1-8b.json]
-        [--batch 64] [--new-tokens 256] [--variants default no-overlap]
+        [--batch 64] [--new-tokens 256] [--variants default no-overlap] [--mask-threads 1 0]
 
 Dummy (random) weights, so what the model "wants" to write means nothing; the comparison is made
 fair by giving both runs exactly the same work:
@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--mask-threads", type=int, nargs="+", default=[0],
+                    help="threads filling the bitmask, one run each (0: the engine's default)")
     args = ap.parse_args()
 
     rows = []
@@ -56,8 +58,12 @@ def main() -> None:
                            **VARIANTS[variant])
         eng = Engine(cfg)
         eng.overlap = not cfg.disable_overlap  # on CPU too, so a smoke test takes the same path
-        free, con = compare(eng, args.batch, args.new_tokens, args.repeats)
-        rows += [(variant, "unconstrained", free, None), (variant, "json_schema", con, con.tok_s / free.tok_s)]
+        default_threads = eng.grammar_backend.mask_threads
+        for threads in args.mask_threads:
+            eng.grammar_backend.set_mask_threads(threads or default_threads)
+            free, con = compare(eng, args.batch, args.new_tokens, args.repeats)
+            name = f"{variant}/{threads or default_threads}"
+            rows += [(name, "unconstrained", free, None), (name, "json_schema", con, con.tok_s / free.tok_s)]
         device = torch.cuda.get_device_name() if eng.device.type == "cuda" else "CPU"
         del eng
         gc.collect()  # the next variant sizes its KV pool from free memory
@@ -66,10 +72,10 @@ def main() -> None:
 
     print(f"\n{device} | {args.model} ({args.load_format}) | batch {args.batch} x {args.new_tokens} "
           f"new tokens, temperature 1, best of {args.repeats}")
-    print(f"{'variant':11} {'run':14} {'tok/s':>9} {'ratio':>6} {'ms/step':>8} {'mask ms/step':>13} {'idle %':>7}")
+    print(f"{'variant/mask threads':20} {'run':14} {'tok/s':>9} {'ratio':>6} {'ms/step':>8} {'mask ms/step':>13} {'idle %':>7}")
     for variant, name, r, ratio in rows:
         idle = f"{100 * r.idle_fraction:.1f}" if r.idle_fraction is not None else "-"
-        print(f"{variant:11} {name:14} {r.tok_s:9.1f} {f'{ratio:.3f}' if ratio else '':>6} "
+        print(f"{variant:20} {name:14} {r.tok_s:9.1f} {f'{ratio:.3f}' if ratio else '':>6} "
               f"{r.ms_per_step:8.2f} {r.fill_ms_per_step:13.3f} {idle:>7}")
 
 

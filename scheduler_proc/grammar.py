@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -273,21 +274,54 @@ class GrammarManager:
         return xgr.allocate_token_bitmask(batch_size, self.vocab_size)
 
 
-def fill_batch_bitmask(bitmask: torch.Tensor, grammars: Sequence[Optional[RequestGrammar]]) -> bool:
-    """Fill row i of `bitmask` from grammars[i]; rows without a grammar allow every token.
+def default_mask_threads(device: torch.device, tp_size: int = 1) -> int:
+    """Threads for filling a batch's bitmask.
 
-    Returns whether any row is constrained (when none is, the caller can skip the mask entirely).
+    CPU: 1. The fill runs between forwards there, and torch's intra-op threads, still spinning
+    after the forward, starve extra fill threads (measured on 2 cores: 16 rows 0.26 ms on one
+    thread, 2.1 ms on two). GPU: half this rank's share of the CPUs (the fill runs beside the
+    tokenizer, detokenizer and frontend processes), at most 16.
     """
-    if bitmask.shape[0] < len(grammars):
-        raise ValueError(f"bitmask has {bitmask.shape[0]} rows for {len(grammars)} requests")
-    constrained = False
-    for row, g in enumerate(grammars):
-        if g is None:
-            bitmask[row].fill_(-1)  # all 32 bits set
+    if torch.device(device).type == "cpu":
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cpus // (2 * max(1, tp_size))))
+
+
+class BatchMaskFiller:
+    """Fills a batch's token bitmask with the rows split across threads (xgrammar's
+    BatchGrammarMatcher, which runs the matchers in C++ without the GIL).
+
+    One row costs ~0.1-0.3 ms over a 50k-128k vocabulary inside free-text JSON strings, so a
+    batch of 64 constrained rows takes longer on one thread than a GPU decode step.
+    """
+
+    def __init__(self, max_threads: int = 1):
+        if max_threads < 1:
+            raise ValueError("max_threads must be at least 1")
+        self.max_threads = max_threads
+        self._batch = xgr.BatchGrammarMatcher(max_threads)
+
+    def fill(self, bitmask: torch.Tensor, grammars: Sequence[Optional[RequestGrammar]]) -> bool:
+        """Fill row i of `bitmask` from grammars[i]; rows without a grammar allow every token.
+
+        Returns whether any row is constrained (when none is, the caller can skip the mask entirely).
+        """
+        if bitmask.shape[0] < len(grammars):
+            raise ValueError(f"bitmask has {bitmask.shape[0]} rows for {len(grammars)} requests")
+        rows = [i for i, g in enumerate(grammars) if g is not None]
+        if len(rows) < len(grammars):
+            for row, g in enumerate(grammars):
+                if g is None:
+                    bitmask[row].fill_(-1)  # all 32 bits set
+        if not rows:
+            return False
+        if len(rows) == 1 or self.max_threads == 1:
+            for row in rows:
+                grammars[row].fill_next_token_bitmask(bitmask, row)
         else:
-            g.fill_next_token_bitmask(bitmask, row)
-            constrained = True
-    return constrained
+            self._batch.batch_fill_next_token_bitmask([grammars[r].matcher for r in rows], bitmask, rows)
+        return True
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
@@ -296,5 +330,6 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
 
 __all__ = [
     "GRAMMAR_KINDS", "GrammarError", "GrammarStatus", "GrammarPoll", "GrammarHandle", "GrammarStats",
-    "RequestGrammar", "GrammarManager", "fill_batch_bitmask", "apply_token_bitmask", "clean_error",
+    "RequestGrammar", "GrammarManager", "BatchMaskFiller", "default_mask_threads",
+    "apply_token_bitmask", "clean_error",
 ]

@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from scheduler_proc.grammar import GrammarHandle, GrammarManager, GrammarStatus, fill_batch_bitmask
+from scheduler_proc.grammar import BatchMaskFiller, GrammarHandle, GrammarManager, GrammarStatus
 from scheduler_proc.request import Req
 
 logger = logging.getLogger(__name__)
@@ -56,9 +56,10 @@ class MaskStats:
 class GrammarBackend:
     """Grammar queue + per-request matchers + batch bitmask for one engine (one TP rank)."""
 
-    def __init__(self, manager: GrammarManager, device: torch.device):
+    def __init__(self, manager: GrammarManager, device: torch.device, mask_threads: int = 1):
         self.manager = manager
         self.device = torch.device(device)
+        self._filler = BatchMaskFiller(mask_threads)
         self._queue: list[tuple[Req, GrammarHandle]] = []
         # Two host buffers used in turn: on GPU the copy of step k's mask may still be queued
         # while step k+1's mask is filled (overlap loop); by step k+2 step k has completed.
@@ -126,6 +127,14 @@ class GrammarBackend:
 
     # ------------------------------------------------------------------ per step
 
+    @property
+    def mask_threads(self) -> int:
+        return self._filler.max_threads
+
+    def set_mask_threads(self, threads: int) -> None:
+        """Fill the bitmask on this many threads from the next step on (benchmarks compare counts)."""
+        self._filler = BatchMaskFiller(threads)
+
     def fill_mask(self, reqs: Sequence[Req]) -> Optional[torch.Tensor]:
         """The int32 bitmask [len(reqs), ceil(V/32)] on the engine's device, or None if no row has a grammar.
 
@@ -139,7 +148,7 @@ class GrammarBackend:
             return None
         t0 = time.perf_counter()
         host = self._host_buffer(len(reqs))
-        fill_batch_bitmask(host, grammars)
+        self._filler.fill(host, grammars)
         mask = host if self.device.type == "cpu" else host.to(self.device, non_blocking=True)
         self._fill_seconds += time.perf_counter() - t0
         self._fill_calls += 1

@@ -21,7 +21,7 @@ jsonschema = pytest.importorskip("jsonschema")
 xgr = pytest.importorskip("xgrammar")
 
 from scheduler_proc.grammar import (  # noqa: E402
-    GrammarError, GrammarManager, GrammarStatus, RequestGrammar, apply_token_bitmask, fill_batch_bitmask,
+    BatchMaskFiller, GrammarError, GrammarManager, GrammarStatus, RequestGrammar, apply_token_bitmask,
 )
 from scheduler_proc.grammar_backend import REJECTED, TERMINATED, GrammarBackend  # noqa: E402
 from scheduler_proc.request import Req  # noqa: E402
@@ -325,23 +325,53 @@ def test_rejected_token_leaves_state_unchanged(manager, tokenizer):
     assert g.accept_token(tokenizer.encode("7", add_special_tokens=False)[0])
 
 
-def test_batch_bitmask_rows_without_grammar_allow_everything(manager, tokenizer):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batch_bitmask_rows_without_grammar_allow_everything(manager, tokenizer, threads):
+    filler = BatchMaskFiller(threads)
     compiled = manager.compile(GrammarSpec("regex", r"[0-9]+"))
     grammars = [None, manager.new_matcher(compiled), None]
     mask = manager.allocate_bitmask(3)
     mask.zero_()
-    assert fill_batch_bitmask(mask, grammars)
+    assert filler.fill(mask, grammars)
     assert (mask[0] == -1).all() and (mask[2] == -1).all()
     allowed = allowed_tokens(mask, 1)
     assert 0 < len(allowed) < 2000
     assert all(tokenizer.decode([int(t)]).isdigit() for t in allowed)
-    assert not fill_batch_bitmask(mask[:1], [None])
+    assert not filler.fill(mask[:1], [None])
 
     logits = torch.zeros(3, VOCAB)
     apply_token_bitmask(logits, mask)
     assert torch.isfinite(logits[0]).all() and torch.isfinite(logits[2]).all()
     finite = torch.nonzero(torch.isfinite(logits[1])).flatten().numpy()
     assert np.array_equal(finite, allowed)
+
+
+def test_threaded_batch_fill_equals_row_by_row(manager, tokenizer):
+    """Rows in different grammar states (and a gap without a grammar) filled on 3 threads give
+    exactly the masks each matcher fills alone."""
+    compiled = manager.compile(GrammarSpec("json_schema", json.dumps(
+        {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+         "required": ["name", "age"], "additionalProperties": False})))
+    prefixes = ['', '{"', '{"name": "Al', '{"name": "Alice", "age": ', '{"name": "Bob", "age": 4', None,
+                '{"name": "', '{"name": "x", "age": 1}']
+    grammars = []
+    for prefix in prefixes:
+        if prefix is None:
+            grammars.append(None)
+            continue
+        g = manager.new_matcher(compiled)
+        for tok in tokenizer.encode(prefix, add_special_tokens=False):
+            assert g.accept_token(tok), prefix
+        grammars.append(g)
+    threaded = manager.allocate_bitmask(len(grammars))
+    threaded.zero_()
+    assert BatchMaskFiller(3).fill(threaded, grammars)
+    for row, g in enumerate(grammars):
+        alone = manager.allocate_bitmask(1)
+        if g is not None:
+            g.fill_next_token_bitmask(alone, 0)
+        assert torch.equal(threaded[row], alone[0]), prefixes[row]
+    assert len(set(map(tuple, threaded.tolist()))) >= 5  # the states really differ
 
 
 def _req(rid: str, grammar=None, arrival=0) -> Req:
