@@ -11,7 +11,8 @@ import torch
 from kernels import create_attention_backend
 from kernels.base import AttentionBatch, AttentionContext, KVCache
 from scheduler_proc.models.loader import ModelSpec, load_model
-from scheduler_proc.page_table import PageTable, to_device
+from scheduler_proc.page_table import PageTable
+from scheduler_proc.transfer import device_tensor
 from scheduler_proc.scheduler import ScheduleBatch
 from server.config import ServerConfig
 
@@ -38,7 +39,7 @@ class FutureTokens:
             raise ValueError(f"{n} sampled tokens exceed the future buffer ({self.capacity})")
         slots = [(self.cursor + i) % self.capacity for i in range(n)]
         self.cursor = (self.cursor + n) % self.capacity
-        idx = torch.tensor(slots, dtype=torch.int64).to(self.buf.device, non_blocking=True)
+        idx = device_tensor(slots, torch.int64, self.buf.device)
         self.buf.index_copy_(0, idx, token_ids.to(torch.int64))
         return slots
 
@@ -182,7 +183,7 @@ class ModelRunner:
         return ForwardInput(ids, attn, t(logit_rows, torch.int64), len(logit_rows))
 
     def _to_device(self, xs: list, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-        return to_device(torch.tensor(xs, dtype=dtype), self.device)
+        return device_tensor(xs, dtype, self.device)
 
     @torch.inference_mode()
     def forward(self, fwd: ForwardInput) -> torch.Tensor:

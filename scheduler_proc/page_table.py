@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from scheduler_proc.request import Req
+from scheduler_proc.transfer import device_tensor
 
 
 class PageTable:
@@ -63,9 +64,8 @@ class PageTable:
                 values += req.pages[req.table_len:n]
                 req.table_len = n
         if flat_idx:
-            idx = to_device(torch.tensor(flat_idx, dtype=torch.int64), self.device)
-            self.table.view(-1).index_copy_(0, idx, to_device(torch.tensor(values, dtype=torch.int32),
-                                                               self.device))
+            idx = device_tensor(flat_idx, torch.int64, self.device)
+            self.table.view(-1).index_copy_(0, idx, device_tensor(values, torch.int32, self.device))
         return [r.table_slot for r in reqs]
 
     def release(self, req: Req) -> None:
@@ -96,9 +96,3 @@ def gather_kv_indices_torch(page_table: torch.Tensor, slots: torch.Tensor, kv_in
     starts = torch.repeat_interleave(kv_indptr[:-1].long(), counts, output_size=total)
     cols = torch.arange(total, device=page_table.device) - starts
     return page_table[rows, cols]
-
-
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`, copied from pinned memory without blocking: the host never
-    waits for the step that is running (stream order keeps the copy before its readers)."""
-    return host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)

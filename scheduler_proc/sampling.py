@@ -43,6 +43,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
+from scheduler_proc.transfer import device_tensor, to_device
 from server.ipc import SamplingParams, TopLogprobs
 
 __all__ = [
@@ -173,10 +174,10 @@ class SamplingBatch:
         sp = [params[i] for i in sampled]
 
         def col(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype).view(-1, 1).to(dev)
+            return device_tensor(values, dtype, dev).view(-1, 1)
 
         def subset(rows: list[int]) -> Optional[torch.Tensor]:
-            return None if len(rows) == S else torch.tensor(rows, dtype=torch.int64, device=dev)
+            return None if len(rows) == S else device_tensor(rows, torch.int64, dev)
 
         temperatures = min_p = top_k_rows = top_k_index = top_p_rows = top_p = None
         top_k_max = 0
@@ -193,7 +194,7 @@ class SamplingBatch:
             tp = [j for j, p in enumerate(sp) if p.top_p < 1.0]
             if tp:
                 top_p_rows = subset(tp)
-                top_p = torch.tensor([sp[j].top_p for j in tp], dtype=torch.float32, device=dev)
+                top_p = device_tensor([sp[j].top_p for j in tp], torch.float32, dev)
 
         seeded = [p.seed is not None for p in sp]
         rng_stream = np.where(np.array(seeded, dtype=bool), _STREAM_SEEDED, _STREAM_ENGINE)
@@ -208,16 +209,14 @@ class SamplingBatch:
         wants = [p.logprobs or p.top_logprobs > 0 for p in params]
         logprob_rows = None
         if any(wants):
-            logprob_rows = torch.tensor([i for i in range(B) if wants[i]], dtype=torch.int64,
-                                        device=dev)
+            logprob_rows = device_tensor([i for i in range(B) if wants[i]], torch.int64, dev)
         num_top = tuple(p.top_logprobs if wants[i] else 0 for i, p in enumerate(params))
 
         return cls(
             batch_size=B, vocab_size=V, device=dev, all_greedy=all_greedy,
-            sample_rows=(torch.tensor(sampled, dtype=torch.int64, device=dev)
+            sample_rows=device_tensor(sampled, torch.int64, dev) if 0 < S < B else None,
+            greedy_rows=(device_tensor([i for i in range(B) if greedy[i]], torch.int64, dev)
                          if 0 < S < B else None),
-            greedy_rows=(torch.tensor([i for i in range(B) if greedy[i]], dtype=torch.int64,
-                                      device=dev) if 0 < S < B else None),
             num_sampled=S, temperatures=temperatures, min_p=min_p, top_k_rows=top_k_rows,
             top_k_index=top_k_index, top_k_max=top_k_max, top_p_rows=top_p_rows, top_p=top_p,
             rng_stream=rng_stream, rng_a=rng_a, rng_b=rng_b, any_seeded=any(seeded),
@@ -328,8 +327,8 @@ def _to_pairs(keys: np.ndarray, vals: np.ndarray, V: int,
     if keys.size == 0:
         return None
     rows, cols = np.divmod(keys, V)
-    return _Pairs(torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev),
-                  torch.from_numpy(np.ascontiguousarray(vals, dtype=np.float32)).to(dev))
+    return _Pairs(to_device(torch.from_numpy(rows), dev), to_device(torch.from_numpy(cols), dev),
+                  to_device(torch.from_numpy(np.ascontiguousarray(vals, dtype=np.float32)), dev))
 
 
 def _min_token_bans(params, output_ids, V: int, dev: torch.device):
@@ -344,11 +343,11 @@ def _min_token_bans(params, output_ids, V: int, dev: torch.device):
         for tok in dict.fromkeys(p.stop_token_ids):
             pair_rows.append(i)
             pair_cols.append(tok)
-    ban_eos = torch.tensor(eos_rows, dtype=torch.int64, device=dev) if eos_rows else None
+    ban_eos = device_tensor(eos_rows, torch.int64, dev) if eos_rows else None
     ban_pairs = None
     if pair_rows:
-        ban_pairs = _Pairs(torch.tensor(pair_rows, dtype=torch.int64, device=dev),
-                           torch.tensor(pair_cols, dtype=torch.int64, device=dev),
+        ban_pairs = _Pairs(device_tensor(pair_rows, torch.int64, dev),
+                           device_tensor(pair_cols, torch.int64, dev),
                            torch.full((len(pair_rows),), -math.inf, device=dev))
     return ban_eos, ban_pairs
 
@@ -625,7 +624,7 @@ class Sampler:
         c = np.where(stream == _STREAM_SEEDED, np.uint64(rnd),
                      np.uint64(step) * np.uint64(1 << 20) + np.uint64(rnd))
         u = hash_uniform(stream, a, b, c)
-        return torch.from_numpy(u).to(info.device)
+        return to_device(torch.from_numpy(u), info.device)
 
     def _draw_flashinfer(self, w: torch.Tensor, info: SamplingBatch, step: int) -> torch.Tensor:
         if self._fi_gen is None:
@@ -750,7 +749,7 @@ def _apply_vocab_mask(logits: torch.Tensor, mask: torch.Tensor, rows: list[int],
     if mask.dtype == torch.bool:
         if mask.shape[1] < V:
             raise SamplingError(f"bool vocab_mask must be [B, {V}], got {tuple(mask.shape)}")
-        idx = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+        idx = device_tensor(rows, torch.int64, logits.device)
         sub = logits.index_select(0, idx).masked_fill_(~mask.index_select(0, idx)[:, :V],
                                                        -math.inf)
         logits.index_copy_(0, idx, sub)
@@ -760,10 +759,12 @@ def _apply_vocab_mask(logits: torch.Tensor, mask: torch.Tensor, rows: list[int],
                             f"got {mask.dtype} {tuple(mask.shape)}")
     xgr = _xgrammar()
     if xgr is not None and logits.is_contiguous():
-        xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=V, indices=rows)
+        # xgrammar would copy a list of indices to the device synchronously
+        indices = device_tensor(rows, torch.int32, logits.device)
+        xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=V, indices=indices)
         return
     # torch fallback: unpack the 32 bits of each word (bit j of word w is token 32 * w + j)
-    idx = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+    idx = device_tensor(rows, torch.int64, logits.device)
     words = mask.index_select(0, idx)[:, :(V + 31) // 32]
     shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
     allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, :V].bool()

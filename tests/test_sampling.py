@@ -527,3 +527,38 @@ def test_cuda_distribution_and_seeds(use_flashinfer):
     many = sampler.sample(logits.expand(6, V).clone(),
                           SamplingBatch.build(params, [[]] * 6, [[]] * 6, V, "cuda"))
     assert many.token_ids[5] == one
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_build_and_sample_never_wait_for_the_device():
+    """Building a batch and launching its sampling must not synchronize the stream: under the
+    overlap loop that would make the host wait for the forward in flight (and the device idle
+    while the host schedules). Top-p with a seed is the exception (rejection rounds read back)."""
+    V, B = 1000, 8
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.7, seed=1),
+        SamplingParams(temperature=1.0, seed=2, top_k=20, min_p=0.05),
+        SamplingParams(temperature=1.3, repetition_penalty=1.2, frequency_penalty=0.5,
+                       presence_penalty=0.3, logit_bias={5: 2.0}, seed=3),
+        SamplingParams(temperature=1.0, min_new_tokens=4, stop_token_ids=[7], seed=4),
+        SamplingParams(temperature=1.0, logprobs=True, top_logprobs=3, seed=5),
+        SamplingParams(temperature=1.0, grammar=GrammarSpec("json_object"), seed=6),
+        SamplingParams(temperature=0.5, top_k=5),
+    ]
+    prompts = [[1, 2, 3, 4]] * B
+    outputs = [[9, 9, 10]] * B
+    mask = torch.full((B, (V + 31) // 32), -1, dtype=torch.int32).pin_memory()
+    mask[6, :4] = 0  # the grammar row bans tokens 0..127
+    sampler = Sampler(V, [EOS], "cuda")
+    logits = logits_vec(V, seed=3).expand(B, V).clone().cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        info = SamplingBatch.build(params, prompts, outputs, V, "cuda")
+        out = sampler.sample(logits, info, mask.cuda(non_blocking=True))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    tokens = out.token_ids.tolist()
+    assert tokens[6] >= 128 and all(0 <= t < V for t in tokens)
