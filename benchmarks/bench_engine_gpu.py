@@ -6,11 +6,12 @@ Scenarios (random prompt token ids, EOS ignored so lengths are exact):
   b1:            1 request, 128 in / 256 out: decode ms per output token (after the first token)
   b64:           64 requests at once, 512 in / 256 out: output tokens/s
   NxIxO:         N requests at once, I in / O out: output tokens/s
-Variants: default (overlap + CUDA graphs), no-overlap, no-graph. Prints one table; also checks that
-greedy tokens are identical across variants for the first requests of each scenario.
-`prefill s` runs until the last request has its first token (decodes of earlier requests run
-inside it); `decode tok/s` is the output rate after that. `idle %` is the device's idle time between steps over its busy + idle time (CUDA events around each
-step, see scheduler_proc/step_timeline.py). `--cprofile N` prints the N host functions with the most
+Variants: default (overlap + CUDA graphs + Triton GEMV at batch 1), no-overlap, no-graph, no-gemv.
+Prints one table; also checks that greedy tokens are identical across variants for the first
+requests of each scenario. `prefill s` runs until the last request has its first token (decodes
+of earlier requests run inside it); `decode tok/s` is the output rate after that. `idle %` is the
+device's idle time between steps over its busy + idle time (CUDA events around each step, see
+scheduler_proc/step_timeline.py). `--cprofile N` prints the N host functions with the most
 own time over an extra, profiled run of each default-variant scenario.
 """
 
@@ -36,6 +37,7 @@ VARIANTS = {
     "default": {},
     "no-overlap": {"disable_overlap": True},
     "no-graph": {"disable_cuda_graph": True},
+    "no-gemv": {"disable_triton_gemv": True},
 }
 
 
@@ -100,10 +102,14 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=1)
     ap.add_argument("--max-running-requests", type=int, default=256)
     ap.add_argument("--cuda-graph-max-bs", type=int, default=None)
+    ap.add_argument("--blas", choices=["cublas", "cublaslt"], default=None,
+                    help="torch's preferred BLAS library for the GEMMs (default: torch's choice)")
     ap.add_argument("--output", default=None)
     ap.add_argument("--cprofile", type=int, default=0, metavar="N",
                     help="print the N host functions with the most own time per default-variant scenario")
     args = ap.parse_args()
+    if args.blas:
+        torch.backends.cuda.preferred_blas_library(args.blas)
     results = {}
     for variant in args.variants:
         cfg = ServerConfig(model=args.model, tokenizer=args.tokenizer, load_format="dummy", device="cuda",

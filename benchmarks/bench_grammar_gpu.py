@@ -24,15 +24,30 @@ It also runs on CPU for a smoke test, e.g. --model configs/tiny-llama.json --dev
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
+import pstats
 
 import torch
 
-from bench_grammar_cpu import compare
+from bench_grammar_cpu import compare, prompts, request_params, run
 from scheduler_proc.engine import Engine
 from server.config import ServerConfig
 
 VARIANTS = {"default": {}, "no-overlap": {"disable_overlap": True}}
+
+
+def profile_runs(eng: Engine, batch: int, new_tokens: int, top: int) -> None:
+    """Host profile of one unconstrained and one constrained run (not part of the figures:
+    cProfile slows the host down)."""
+    ps = prompts(eng.tokenizer, batch)
+    for name, params in zip(("unconstrained", "json_schema"), request_params(batch, new_tokens)):
+        prof = cProfile.Profile()
+        prof.runcall(run, eng, ps, params)
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+        print(f"host profile, {name}:\n{text.getvalue()}", flush=True)
 
 
 def main() -> None:
@@ -46,6 +61,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N",
+                    help="after the measured runs, profile one run of each kind and print the N host "
+                    "functions with the most own time")
     ap.add_argument("--mask-threads", type=int, nargs="+", default=[0],
                     help="threads filling the bitmask, one run each (0: the engine's default)")
     args = ap.parse_args()
@@ -64,6 +82,8 @@ def main() -> None:
             free, con = compare(eng, args.batch, args.new_tokens, args.repeats)
             name = f"{variant}/{threads or default_threads}"
             rows += [(name, "unconstrained", free, None), (name, "json_schema", con, con.tok_s / free.tok_s)]
+        if args.cprofile:
+            profile_runs(eng, args.batch, args.new_tokens, args.cprofile)
         device = torch.cuda.get_device_name() if eng.device.type == "cuda" else "CPU"
         del eng
         gc.collect()  # the next variant sizes its KV pool from free memory

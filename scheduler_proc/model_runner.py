@@ -10,10 +10,11 @@ import torch
 
 from kernels import create_attention_backend
 from kernels.base import AttentionBatch, AttentionContext, KVCache
+from scheduler_proc.models.layers import enable_gemv
 from scheduler_proc.models.loader import ModelSpec, load_model
 from scheduler_proc.page_table import PageTable
-from scheduler_proc.transfer import device_tensor
 from scheduler_proc.scheduler import ScheduleBatch
+from scheduler_proc.transfer import device_tensor
 from server.config import ServerConfig
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ class ModelRunner:
         self.page_size = config.page_size
         self.model = load_model(spec, config, device, dtype, tp_rank=tp_rank, tp_size=tp_size,
                                 tp_group=tp_group)
+        if device.type == "cuda" and not config.disable_triton_gemv:
+            logger.info("Triton GEMV for batch-1 products of %d projections", enable_gemv(self.model))
         hf = spec.hf_config
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         num_q_heads = hf.num_attention_heads // tp_size

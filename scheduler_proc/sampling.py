@@ -472,6 +472,7 @@ class Sampler:
             raise SamplingError(f"EOS ids {bad} outside the vocabulary [0, {self.vocab_size})")
         self.eos_token_ids = list(dict.fromkeys(eos_token_ids))
         self._eos = torch.tensor(self.eos_token_ids, dtype=torch.int64, device=self.device)
+        self._neg_inf = torch.full((), -math.inf, device=self.device)
         # FlashInfer's kernels draw from a CUDA generator, so they serve only unseeded batches.
         self._fi = None
         if self.device.type == "cuda" and use_flashinfer is not False:
@@ -545,7 +546,8 @@ class Sampler:
             a = info.additive
             logits[a.rows, a.cols] += a.values
         if info.ban_eos_rows is not None and self._eos.numel():
-            logits[info.ban_eos_rows.unsqueeze(1), self._eos.unsqueeze(0)] = -math.inf
+            # a device-side value: a Python scalar would be copied from the host synchronously
+            logits.index_put_((info.ban_eos_rows.unsqueeze(1), self._eos.unsqueeze(0)), self._neg_inf)
         if info.ban_pairs is not None:
             b = info.ban_pairs
             logits[b.rows, b.cols] = b.values

@@ -41,6 +41,7 @@ class ServerConfig:
     disable_radix_cache: bool = False
     disable_overlap: bool = False
     disable_cuda_graph: bool = False
+    disable_triton_gemv: bool = False
     cuda_graph_max_bs: Optional[int] = None
     num_threads: Optional[int] = None  # CPU: torch intra-op threads (default: all cores)
     log_level: str = "info"
@@ -82,6 +83,8 @@ _HELP = {
     "disable_radix_cache": "Do not reuse KV across requests.",
     "disable_overlap": "Run the plain schedule -> run -> process loop (no CPU/GPU overlap).",
     "disable_cuda_graph": "Run decode eagerly, without CUDA graphs.",
+    "disable_triton_gemv": "Batch-1 decode uses cuBLAS for every projection instead of the Triton GEMV "
+    "for the large ones.",
     "cuda_graph_max_bs": "Largest decode batch captured in a CUDA graph (default: sized to the GPU).",
     "num_threads": "CPU only: torch threads per scheduler process (default: the cores left after the "
     "other server processes, split across TP ranks; in-process engines use all cores).",

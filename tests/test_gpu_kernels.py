@@ -188,6 +188,24 @@ def _decode_batch(seqs: dict[int, list[int]], lengths: dict[int, int], page_size
         q_lens_cpu=[1] * len(ids), seq_lens_cpu=seq_lens, page_size=page_size)
 
 
+@pytest.mark.parametrize("n,k", [(64, 512), (4096, 14336), (28672, 4096), (128256, 4096)])
+def test_triton_gemv_matches_float32(n, k):
+    """The batch-1 GEMV against a float32 product: as close as cuBLAS's bf16 result is."""
+    import torch.nn.functional as F
+
+    from kernels.triton_gemv import gemv, gemv_pays
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).to(torch.bfloat16)
+    x = torch.randn(1, k, device="cuda", generator=g).to(torch.bfloat16)
+    ref = x.float() @ w.float().T
+    y = gemv(x, w)
+    assert y.shape == (1, n) and y.dtype == torch.bfloat16
+    err = (y.float() - ref).abs().max().item()
+    cublas_err = (F.linear(x, w).float() - ref).abs().max().item()
+    assert err <= max(2 * cublas_err, 1e-2), (err, cublas_err)
+    assert gemv_pays(w) and not gemv_pays(w.float()) and not gemv_pays(w[:, :500])
+
+
 @pytest.mark.parametrize("name", ["triton", "flashinfer"])
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_cuda_graph_replay_matches_eager(name, page_size):

@@ -64,6 +64,28 @@ def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id: A
         param.copy_(loaded)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           gemv: bool = False) -> torch.Tensor:
+    """F.linear; with `gemv`, a single row goes to the Triton GEMV (kernels/triton_gemv.py)."""
+    if gemv and x.dim() == 2 and x.shape[0] == 1:
+        from kernels.triton_gemv import gemv as triton_gemv  # noqa: PLC0415 - CUDA only
+        y = triton_gemv(x, weight)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+def enable_gemv(model: nn.Module) -> int:
+    """Route batch-1 products of the projections whose weights qualify (`gemv_pays`) to the
+    Triton GEMV; returns how many were switched."""
+    from kernels.triton_gemv import gemv_pays  # noqa: PLC0415 - CUDA only
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
+            module.gemv = gemv_pays(module.weight)
+            count += module.gemv
+    return count
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x @ W.T + b with W's output rows split across ranks; y stays sharded ([.., out/tp]).
 
@@ -103,8 +125,10 @@ class ColumnParallelLinear(nn.Module):
         with torch.no_grad():
             dst.copy_(src)
 
+    gemv = False  # batch-1 products through the Triton GEMV (`enable_gemv`)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.gemv)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -173,8 +197,10 @@ class RowParallelLinear(nn.Module):
         with torch.no_grad():
             param.copy_(src)
 
+    gemv = False  # batch-1 products through the Triton GEMV (`enable_gemv`)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight, gemv=self.gemv)
         if self.tp_size > 1:
             dist.all_reduce(y, group=self.tp_group)
         if self.bias is not None:
@@ -240,8 +266,10 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.weight = tied_to.weight
         self.tied = tied_to is not None
 
+    gemv = False  # batch-1 products through the Triton GEMV (`enable_gemv`)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight, gemv=self.gemv)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(parts, logits.contiguous(), group=self.tp_group)
