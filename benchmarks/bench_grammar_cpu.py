@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--overlap", action="store_true", help="run the overlap loop")
     ap.add_argument("--mask-threads", type=int, default=None,
-                    help="threads filling the bitmask (default: the engine's, default_mask_threads)")
+                    help="threads filling the bitmask (default: the engine's, 1)")
     args = ap.parse_args()
 
     eng = Engine(ServerConfig(dtype=args.dtype, device="cpu", disable_radix_cache=True))

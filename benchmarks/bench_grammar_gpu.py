@@ -65,7 +65,7 @@ def main() -> None:
                     help="after the measured runs, profile one run of each kind and print the N host "
                     "functions with the most own time")
     ap.add_argument("--mask-threads", type=int, nargs="+", default=[0],
-                    help="threads filling the bitmask, one run each (0: the engine's default)")
+                    help="threads filling the bitmask, one run each (0: the engine's default, 1)")
     args = ap.parse_args()
 
     rows = []

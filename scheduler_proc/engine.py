@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from radix_cache import NoPrefixCache, PageAllocator, RadixCache
-from scheduler_proc.grammar import GrammarManager, default_mask_threads
+from scheduler_proc.grammar import GrammarManager
 from scheduler_proc.grammar_backend import REJECTED, TERMINATED, GrammarBackend
 from scheduler_proc.model_runner import HostCopy, ModelRunner
 from scheduler_proc.models.loader import load_model_config, resolve_dtype
@@ -330,8 +330,7 @@ class Engine:
     def grammar_backend(self) -> GrammarBackend:
         if self._grammar is None:
             manager = GrammarManager(self.tokenizer_path, self.vocab_size, stop_token_ids=self.eos_token_ids)
-            threads = default_mask_threads(self.device, self.config.tp_size)
-            self._grammar = GrammarBackend(manager, self.device, threads)
+            self._grammar = GrammarBackend(manager, self.device)
         return self._grammar
 
     def _release_grammar_waiters(self) -> None:
