@@ -20,7 +20,7 @@ from scheduler_proc.grammar_backend import REJECTED, TERMINATED, GrammarBackend
 from scheduler_proc.model_runner import HostCopy, ModelRunner
 from scheduler_proc.models.loader import load_model_config, resolve_dtype
 from scheduler_proc.request import Req
-from scheduler_proc.sampling import Sampler, SamplingBatch
+from scheduler_proc.sampling import Sampler, SamplingBatch, SamplingError, validate_params
 from scheduler_proc.scheduler import NeedsSync, ScheduleBatch, ScheduledItem, Scheduler
 from scheduler_proc.step_timeline import StepTimeline
 from server.config import ServerConfig
@@ -132,6 +132,10 @@ class Engine:
                               f"{self.max_model_len}; at most {self.max_model_len - 1} fit", "prompt")
         if p.max_new_tokens < 0:
             raise EngineError("max_tokens must be at least 0", "max_tokens")
+        try:
+            validate_params(p, self.vocab_size)  # once here, so no step re-checks it
+        except SamplingError as e:
+            raise EngineError(e.message, e.param) from None
         capacity = (self.runner.num_pages - 1) * self.page_size
         if len(ids) + 1 > capacity:
             raise EngineError(f"the prompt has {len(ids)} tokens but the KV pool holds {capacity}", "prompt")
@@ -261,7 +265,7 @@ class Engine:
             reqs = [it.req for it in fwd.sampled]
             info = SamplingBatch.build([r.params for r in reqs], [r.input_ids for r in reqs],
                                        [r.output_ids for r in reqs], self.vocab_size, self.device,
-                                       default_seed=self.config.seed)
+                                       default_seed=self.config.seed, validate=False)
             mask = self._grammar.fill_mask(reqs) if self._grammar is not None else None
             if self.timeline is not None:  # after the host work (mask filling included)
                 self.timeline.begin()

@@ -52,7 +52,12 @@ __all__ = [
 ]
 
 class SamplingError(ValueError):
-    """Sampling parameters or inputs that the sampler cannot honour (bad value, shape, token id)."""
+    """Sampling parameters or inputs that the sampler cannot honour (bad value, shape, token id);
+    `param` names the offending request field where there is one."""
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.message, self.param = message, param
 
 
 # ----------------------------------------------------------------------------- counter-based RNG
@@ -148,8 +153,10 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device | str,
         default_seed: int = 0,
+        validate: bool = True,
     ) -> "SamplingBatch":
-        """Validate the batch's params and build its per-row tensors on `device`.
+        """Validate the batch's params (unless the caller did, at admission: `validate=False`)
+        and build its per-row tensors on `device`.
 
         `output_ids[i]` is everything request i generated so far (its length is the seed counter
         and the min_new_tokens counter). Negative ids (placeholders for tokens still in flight
@@ -164,8 +171,12 @@ class SamplingBatch:
                                 f"{B}/{len(prompt_ids)}/{len(output_ids)}")
         V = int(vocab_size)
         dev = torch.device(device)
-        for i, p in enumerate(params):
-            _validate(p, i, V)
+        if validate:
+            for i, p in enumerate(params):
+                try:
+                    validate_params(p, V)
+                except SamplingError as e:
+                    raise SamplingError(f"request {i}: {e.message}", e.param) from None
 
         greedy = [p.greedy for p in params]
         sampled = [i for i in range(B) if not greedy[i]]
@@ -234,33 +245,33 @@ class SamplingBatch:
                 or self.ban_eos_rows is not None or self.ban_pairs is not None)
 
 
-def _validate(p: SamplingParams, i: int, V: int) -> None:
-    def bad(msg: str) -> SamplingError:
-        return SamplingError(f"request {i}: {msg}")
-
+def validate_params(p: SamplingParams, V: int) -> None:
+    """Raise SamplingError (naming the field in `param`) for a value the sampler cannot honour."""
     if not (p.temperature >= 0.0 and math.isfinite(p.temperature)):
-        raise bad(f"temperature must be a finite number >= 0, got {p.temperature}")
+        raise SamplingError(f"temperature must be a finite number >= 0, got {p.temperature}", "temperature")
     if not (0.0 < p.top_p <= 1.0):
-        raise bad(f"top_p must be in (0, 1], got {p.top_p}")
+        raise SamplingError(f"top_p must be in (0, 1], got {p.top_p}", "top_p")
     if not (0.0 <= p.min_p <= 1.0):
-        raise bad(f"min_p must be in [0, 1], got {p.min_p}")
+        raise SamplingError(f"min_p must be in [0, 1], got {p.min_p}", "min_p")
     if not (p.repetition_penalty > 0.0 and math.isfinite(p.repetition_penalty)):
-        raise bad(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
+        raise SamplingError(f"repetition_penalty must be > 0, got {p.repetition_penalty}", "repetition_penalty")
     for name in ("frequency_penalty", "presence_penalty"):
         if not math.isfinite(getattr(p, name)):
-            raise bad(f"{name} must be finite")
-    if p.top_logprobs < 0 or p.min_new_tokens < 0:
-        raise bad("top_logprobs and min_new_tokens must be >= 0")
+            raise SamplingError(f"{name} must be finite", name)
+    if p.top_logprobs < 0:
+        raise SamplingError("top_logprobs must be >= 0", "top_logprobs")
+    if p.min_new_tokens < 0:
+        raise SamplingError("min_tokens must be >= 0", "min_tokens")
     if p.top_logprobs > V:
-        raise bad(f"top_logprobs {p.top_logprobs} exceeds the vocabulary ({V})")
+        raise SamplingError(f"top_logprobs {p.top_logprobs} exceeds the vocabulary ({V})", "top_logprobs")
     for tok, val in (p.logit_bias or {}).items():
         if not 0 <= int(tok) < V:
-            raise bad(f"logit_bias token id {tok} outside the vocabulary [0, {V})")
+            raise SamplingError(f"logit_bias token id {tok} outside the vocabulary [0, {V})", "logit_bias")
         if not math.isfinite(val):
-            raise bad(f"logit_bias value for {tok} must be finite")
+            raise SamplingError(f"logit_bias value for {tok} must be finite", "logit_bias")
     for tok in p.stop_token_ids:
         if not 0 <= tok < V:
-            raise bad(f"stop token id {tok} outside the vocabulary [0, {V})")
+            raise SamplingError(f"stop token id {tok} outside the vocabulary [0, {V})", "stop_token_ids")
 
 
 def _row_keys(row: int, toks: Sequence[int], V: int) -> np.ndarray:

@@ -166,6 +166,13 @@ def test_bad_input_raises_typed_errors(engine):
         add("e4", [5] * engine.max_model_len)
     with pytest.raises(EngineError, match="max_tokens"):
         add("e5", [5, 6], max_new_tokens=-1)
+    # sampling fields are checked once, at admission (a step never re-validates them)
+    with pytest.raises(EngineError, match="top_p") as err:
+        add("e6", [5, 6], top_p=0.0)
+    assert err.value.param == "top_p"
+    with pytest.raises(EngineError, match="logit_bias") as err:
+        add("e7", [5, 6], logit_bias={engine.vocab_size: 1.0})
+    assert err.value.param == "logit_bias"
     add("ok", [5, 6], max_new_tokens=2)
     with pytest.raises(EngineError, match="duplicate"):
         add("ok", [5, 6])
