@@ -57,7 +57,13 @@ class BasePrefixCache(ABC):
     - `reset()`: drop every unlocked entry (flush); pages go back to the allocator.
     """
 
-    page_size: int
+    def __init__(self, allocator: BasePageAllocator, page_size: int = 1) -> None:
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.allocator = allocator
+        self.page_size = page_size
+        self.hit_tokens = 0  # prompt tokens served from the cache (counted matches only)
+        self.miss_tokens = 0
 
     @abstractmethod
     def match_prefix(self, key: Sequence[int], count: bool = False) -> MatchResult: ...
@@ -91,6 +97,3 @@ class BasePrefixCache(ABC):
     def hit_rate(self) -> float:
         total = self.hit_tokens + self.miss_tokens
         return self.hit_tokens / total if total else 0.0
-
-    hit_tokens: int = 0
-    miss_tokens: int = 0

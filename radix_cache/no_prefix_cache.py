@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .base import BasePageAllocator, BasePrefixCache, MatchResult
+from .base import BasePrefixCache, MatchResult
 
 
 class NoPrefixCache(BasePrefixCache):
@@ -17,14 +17,6 @@ class NoPrefixCache(BasePrefixCache):
       all of `pages` and, holding none of them through a lock, frees them all itself.
     - `evict` frees nothing (returns 0); `reset` does nothing.
     """
-
-    def __init__(self, allocator: BasePageAllocator, page_size: int = 1) -> None:
-        if page_size < 1:
-            raise ValueError(f"page_size must be >= 1, got {page_size}")
-        self.allocator = allocator
-        self.page_size = page_size
-        self.hit_tokens = 0
-        self.miss_tokens = 0
 
     def match_prefix(self, key: Sequence[int], count: bool = False) -> MatchResult:
         if count:

@@ -92,12 +92,7 @@ class RadixCache(BasePrefixCache):
     """
 
     def __init__(self, allocator: BasePageAllocator, page_size: int = 1) -> None:
-        if page_size < 1:
-            raise ValueError(f"page_size must be >= 1, got {page_size}")
-        self.allocator = allocator
-        self.page_size = page_size
-        self.hit_tokens = 0
-        self.miss_tokens = 0
+        super().__init__(allocator, page_size)
         self._clock = 0  # bumped once per match/insert; the LRU time of touched nodes
         self._next_uid = 1
         self._root = _Node([], [], None, 0, 0)
