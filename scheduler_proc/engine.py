@@ -94,7 +94,8 @@ class Engine:
         self.allocator = PageAllocator(self.runner.num_pages)
         cache_cls = NoPrefixCache if config.disable_radix_cache else RadixCache
         self.cache = cache_cls(self.allocator, page_size=self.page_size)
-        self.scheduler = Scheduler(self.cache, self.allocator, self.page_size, config.chunked_prefill_size,
+        token_budget = config.chunked_prefill_size or (8192 if self.device.type == "cuda" else 2048)
+        self.scheduler = Scheduler(self.cache, self.allocator, self.page_size, token_budget,
                                    config.max_running_requests,
                                    cache_unfinished=not config.disable_radix_cache)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, self.device)
