@@ -4,7 +4,7 @@ At batch 1 every projection must stream its whole weight matrix once; the kernel
 keep enough loads in flight to run at the memory bandwidth. Each program owns BLOCK_N output rows
 and walks K in BLOCK_K steps (software-pipelined by Triton's num_stages), so the whole matrix is
 read exactly once with no split-K reduction pass. K must be a multiple of BLOCK_K and N of BLOCK_N
-(true of every Llama/Qwen projection); `gemv_supported` says whether a shape qualifies.
+(true of every Llama/Qwen projection); `gemv_pays` says whether a weight qualifies.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from server.ipc import SamplingParams, TopLogprobs
 
 __all__ = [
     "SamplingError", "SamplingBatch", "SampleOutput", "HostSampleOutput", "PromptLogprobs",
-    "Sampler", "prompt_logprobs", "topk", "hash_uniform",
+    "Sampler", "prompt_logprobs", "topk", "hash_uniform", "validate_params",
 ]
 
 class SamplingError(ValueError):
