@@ -38,6 +38,7 @@ VARIANTS = {
     "no-overlap": {"disable_overlap": True},
     "no-graph": {"disable_cuda_graph": True},
     "no-gemv": {"disable_triton_gemv": True},
+    "triton-attn": {"attention_backend": "triton"},
 }
 
 
@@ -112,11 +113,11 @@ def main() -> None:
         torch.backends.cuda.preferred_blas_library(args.blas)
     results = {}
     for variant in args.variants:
+        settings = {"attention_backend": args.attention_backend, **VARIANTS[variant]}
         cfg = ServerConfig(model=args.model, tokenizer=args.tokenizer, load_format="dummy", device="cuda",
-                           attention_backend=args.attention_backend, page_size=args.page_size,
-                           max_running_requests=args.max_running_requests,
+                           page_size=args.page_size, max_running_requests=args.max_running_requests,
                            cuda_graph_max_bs=args.cuda_graph_max_bs or min(args.max_running_requests, 512),
-                           chunked_prefill_size=8192, **VARIANTS[variant])
+                           chunked_prefill_size=8192, **settings)
         t0 = time.perf_counter()
         engine = Engine(cfg)
         print(f"[{variant}] engine ready in {time.perf_counter() - t0:.1f} s, "

@@ -1,7 +1,7 @@
 """Where a decode step's device time goes: CUDA kernels of steady-state engine steps, by kernel.
 
     python benchmarks/profile_gpu_step.py --tokenizer DIR [--model configs/llama-3.1-8b.json]
-        [--batches 1 64] [--context 512] [--steps 20] [--disable-cuda-graph]
+        [--batches 1 64] [--context 512] [--steps 20] [--disable-cuda-graph] [--attention-backend triton]
 
 For each batch size, `--batches` requests of `--context` random tokens are prefilled, then
 `--steps` decode steps run under torch.profiler (kernels inside CUDA graphs are traced too). Prints
@@ -31,12 +31,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--disable-cuda-graph", action="store_true")
+    ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--phase", choices=["decode", "prefill"], default="decode",
                     help="prefill: profile the first --steps steps (the prompts' chunks) instead")
     args = ap.parse_args()
     cfg = ServerConfig(model=args.model, tokenizer=args.tokenizer, load_format="dummy", device="cuda",
                        max_running_requests=256, chunked_prefill_size=8192,
-                       disable_cuda_graph=args.disable_cuda_graph)
+                       disable_cuda_graph=args.disable_cuda_graph, attention_backend=args.attention_backend)
     engine = Engine(cfg)
     rng = random.Random(0)
     for bs in args.batches:

@@ -100,6 +100,8 @@ class BaseAttentionBackend(ABC):
       `kv_cache` at `batch.out_cache_loc`, then returns causal attention of q over each sequence's
       full KV (prefix + new tokens). q: [T, num_q_heads, head_dim]; k, v: [T, num_kv_heads,
       head_dim]; returns [T, num_q_heads, head_dim]. Grouped-query attention is handled here.
+      k and v may both be None: the caller has already written them at `out_cache_loc` (the fused
+      RoPE + K/V-store kernel on CUDA).
     - Backends are stateless across steps except for reusable buffers (workspaces, graph inputs).
     - CUDA-graph hooks (decode batches only): `init_cuda_graph(max_bs, max_pages)` allocates
       static buffers once; `capture_metadata(bs)` returns metadata over those buffers for capture;

@@ -9,6 +9,11 @@
 - `prepare` plans once per step from host-side lengths (no device sync); every layer reuses the
   plan. One float workspace is allocated once and shared by all wrappers: only one of them runs
   at a time on the stream.
+- Small decode batches (up to `small_decode_max_bs` sequences, default 64) run our Triton
+  split-KV decode kernel instead (`kernels/triton_backend.py`), eager and in CUDA graphs: on an
+  H200 at batch 1 and 256 tokens of context FlashInfer's CUDA-graph decode plus its split merge
+  took 11.9 us a layer against 6.0 for the Triton pair, and batch 64 decoded 1.4% faster
+  (docs/benchmarks.md). Larger decode batches, prefills and mixed batches stay on FlashInfer.
 - K/V of new tokens are written by our Triton `store_kv` (one launch for K and V, any
   `out_cache_loc`; FlashInfer's append kernel needs per-token batch indices and positions that
   we would first have to build).
@@ -29,9 +34,11 @@ import torch
 
 from kernels.base import AttentionBatch, BaseAttentionBackend, KVCache
 from kernels.mixed_split import SubBatch, split_mixed
+from kernels.triton_backend import TritonAttentionBackend, TritonMeta
 from kernels.triton_ops import store_kv
 
 DEFAULT_WORKSPACE_BYTES = 256 << 20
+SMALL_DECODE_MAX_BS = 64
 
 
 class FlashInferUnavailableError(RuntimeError):
@@ -91,7 +98,7 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: Optional[float] = None,
                  *, device: torch.device | str = "cuda", dtype: Optional[torch.dtype] = None,
                  workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, prefill_backend: str = "auto",
-                 split_mixed: bool = True):
+                 split_mixed: bool = True, small_decode_max_bs: int = SMALL_DECODE_MAX_BS):
         super().__init__(num_q_heads, num_kv_heads, head_dim, scale)
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} kv heads")
@@ -107,6 +114,10 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
         self._decode = self._fi.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD",
                                                                    use_tensor_cores=True)
         self._graph_wrappers: dict[int, object] = {}
+        # decode batches of up to this many sequences go to the Triton kernel (0: never)
+        self.small_decode_max_bs = small_decode_max_bs
+        self._small_decode = (TritonAttentionBackend(num_q_heads, num_kv_heads, head_dim, scale, device=device,
+                                                     dtype=dtype) if small_decode_max_bs > 0 else None)
         self._page_size: Optional[int] = None  # of the last planned batch; graphs reuse it
         # per wrapper: an event after its last plan's host->device copy
         self._staged: dict[int, torch.cuda.Event] = {}
@@ -137,8 +148,13 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
         meta.planned = True
         self.dtype = dtype
 
-    def prepare(self, batch: AttentionBatch) -> FlashInferMeta:
+    def _is_small_decode(self, num_seqs: int) -> bool:
+        return self._small_decode is not None and num_seqs <= self.small_decode_max_bs
+
+    def prepare(self, batch: AttentionBatch) -> Union[FlashInferMeta, TritonMeta]:
         self._page_size = batch.page_size
+        if batch.is_decode and self._is_small_decode(batch.num_seqs):
+            return self._small_decode.prepare(batch)
         split = (split_mixed(batch.q_lens_cpu, batch.seq_lens_cpu, batch.page_size, batch.kv_indices.device)
                  if self.split_mixed else None)
         if batch.is_decode:
@@ -160,11 +176,14 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
         return meta
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-                kv_cache: KVCache, meta: FlashInferMeta) -> torch.Tensor:
+                kv_cache: KVCache, meta: Union[FlashInferMeta, TritonMeta]) -> torch.Tensor:
+        if isinstance(meta, TritonMeta):
+            return self._small_decode.forward(q, k, v, layer, kv_cache, meta)
         if not meta.planned:
             self._plan(meta, q.dtype)
-        kf, vf = kv_cache.flat(layer)
-        store_kv(kf, vf, meta.out_cache_loc, k, v)
+        if k is not None:
+            kf, vf = kv_cache.flat(layer)
+            store_kv(kf, vf, meta.out_cache_loc, k, v)
         paged = (kv_cache.k[layer], kv_cache.v[layer])
         if len(meta.parts) == 1:
             return meta.parts[0].wrapper.run(q.contiguous(), paged)
@@ -187,6 +206,8 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
         self._g_loc = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self._g_max_bs, self._g_max_pages = max_bs, max_pages
         self._graph_wrappers = {}
+        if self._small_decode is not None:
+            self._small_decode.init_cuda_graph(min(max_bs, self.small_decode_max_bs), max_pages)
 
     def _graph_wrapper(self, bs: int):
         w = self._graph_wrappers.get(bs)
@@ -203,8 +224,10 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
             raise ValueError("FlashInferAttentionBackend needs dtype= (or one eager step) before CUDA graphs")
         return self.dtype
 
-    def capture_metadata(self, bs: int, page_size: int | None = None) -> FlashInferMeta:
+    def capture_metadata(self, bs: int, page_size: int | None = None) -> Union[FlashInferMeta, TritonMeta]:
         """Plan `bs` one-token sequences over the reserved page 0 (the shapes the graph records)."""
+        if self._is_small_decode(bs):
+            return self._small_decode.capture_metadata(bs, page_size)
         if page_size is not None:
             self._page_size = page_size
         if self._page_size is None:
@@ -218,8 +241,10 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
         self._plan(meta, self._check_graph_dtype())
         return meta
 
-    def replay_metadata(self, batch: AttentionBatch, bs: int) -> FlashInferMeta:
+    def replay_metadata(self, batch: AttentionBatch, bs: int) -> Union[FlashInferMeta, TritonMeta]:
         """Re-plan the bs-wrapper for `batch` padded with one-token rows on page 0."""
+        if self._is_small_decode(bs):
+            return self._small_decode.replay_metadata(batch, bs)
         B = batch.num_seqs
         pad = bs - B
         if pad < 0:

@@ -138,8 +138,11 @@ class TorchAttentionBackend(BaseAttentionBackend):
                 kv_cache: KVCache, meta: TorchAttentionMeta) -> torch.Tensor:
         if q.shape[0] != meta.num_tokens:
             raise ValueError(f"q has {q.shape[0]} tokens but the batch has {meta.num_tokens}")
-        kv_cache.store(layer, meta.out_cache_loc, k, v)
         k_flat, v_flat = kv_cache.flat(layer)
+        if k is None:  # already in the pool; the extend path below reads the new tokens' K/V
+            k, v = k_flat[meta.out_cache_loc], v_flat[meta.out_cache_loc]
+        else:
+            kv_cache.store(layer, meta.out_cache_loc, k, v)
         if meta.all_decode:
             return self._decode(q, k_flat, v_flat, meta)
         out = torch.empty_like(q)

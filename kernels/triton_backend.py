@@ -98,7 +98,8 @@ class TritonAttentionBackend(BaseAttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
                 kv_cache: KVCache, meta: TritonMeta) -> torch.Tensor:
         kf, vf = kv_cache.flat(layer)
-        store_kv(kf, vf, meta.out_cache_loc, k, v)
+        if k is not None:
+            store_kv(kf, vf, meta.out_cache_loc, k, v)
         if meta.is_decode:
             return decode_attention(q, kf, vf, meta.kv_indptr, meta.kv_indices, meta.seq_lens,
                                     kv_cache.page_size, self.scale, meta.num_splits)

@@ -5,7 +5,8 @@ with one launch. Each `*_ref` function is the exact torch definition the kernel 
 against; callers on CPU (or without Triton) use the reference directly.
 
 - `store_kv`: write new tokens' K and V into the paged pool at flat slots (one launch for both).
-- `rotary_embedding`: neox-style RoPE on q and k in place, from a [max_pos, rot_dim] cos|sin cache.
+- `rotary_embedding`: neox-style RoPE on q and k in place, from a [max_pos, rot_dim] cos|sin cache;
+  `rotary_embedding_and_store_kv` writes the rotated k (and v) into the KV pool instead.
 - `rmsnorm` / `fused_add_rmsnorm`: RMSNorm, and residual add + RMSNorm in one pass.
 - `gather_tokens`: next decode's input ids from the GPU token table (overlap scheduling).
 - `gather_kv_indices`: a step's flat page list from the device page table (one row per request).
@@ -68,9 +69,10 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor,
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, pos_ptr, cache_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
+def _rope_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cache_ptr, k_cache_ptr, v_cache_ptr, loc_ptr,
+                 q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
                  NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
-                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, STORE: tl.constexpr):
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)
@@ -90,8 +92,19 @@ def _rope_kernel(q_ptr, k_ptr, pos_ptr, cache_ptr, q_stride_t, q_stride_h, k_str
     k1p = k_ptr + t * k_stride_t + h[:, None] * k_stride_h + d[None, :]
     k1 = tl.load(k1p, mask=kmask, other=0.0).to(tl.float32)
     k2 = tl.load(k1p + HALF, mask=kmask, other=0.0).to(tl.float32)
-    tl.store(k1p, (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty), mask=kmask)
-    tl.store(k1p + HALF, (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty), mask=kmask)
+    if STORE:
+        # rotated k and untouched v go straight to the token's slot of the KV pool ([slot, H, 2*HALF])
+        slot = tl.load(loc_ptr + t).to(tl.int64)
+        cache_off = slot * (NUM_K_HEADS * 2 * HALF) + h[:, None] * (2 * HALF) + d[None, :]
+        tl.store(k_cache_ptr + cache_off, (k1 * cos - k2 * sin).to(k_cache_ptr.dtype.element_ty), mask=kmask)
+        tl.store(k_cache_ptr + cache_off + HALF, (k2 * cos + k1 * sin).to(k_cache_ptr.dtype.element_ty),
+                 mask=kmask)
+        v1p = v_ptr + t * v_stride_t + h[:, None] * v_stride_h + d[None, :]
+        tl.store(v_cache_ptr + cache_off, tl.load(v1p, mask=kmask, other=0.0), mask=kmask)
+        tl.store(v_cache_ptr + cache_off + HALF, tl.load(v1p + HALF, mask=kmask, other=0.0), mask=kmask)
+    else:
+        tl.store(k1p, (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty), mask=kmask)
+        tl.store(k1p + HALF, (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty), mask=kmask)
 
 
 def rope_cos_sin_cache(max_pos: int, rot_dim: int, base: float, device=None,
@@ -125,6 +138,35 @@ def rotary_embedding_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tens
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      cos_sin_cache: torch.Tensor) -> None:
     """Same contract as `rotary_embedding_ref`: one launch rotates q and k of a token together."""
+    _rope(positions, q, k, None, cos_sin_cache, None)
+
+
+def rotary_embedding_and_store_kv_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                                      v: torch.Tensor, cos_sin_cache: torch.Tensor, k_cache: torch.Tensor,
+                                      v_cache: torch.Tensor, loc: torch.Tensor) -> None:
+    """Rotates q in place and writes rotated k and v ([T, Hk, D]) into the KV pool's flat slots
+    `loc` (k itself is left as it was). The rotary dim must be the whole head."""
+    k = k.clone()
+    rotary_embedding_ref(positions, q, k, cos_sin_cache)
+    store_kv_ref(k_cache, v_cache, loc, k, v)
+
+
+def rotary_embedding_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  loc: torch.Tensor) -> None:
+    """Same contract as `rotary_embedding_and_store_kv_ref`, in one launch: the decode step's
+    separate RoPE and K/V-store kernels become one per layer."""
+    if cos_sin_cache.shape[-1] != k.shape[-1]:
+        raise ValueError(f"rotary dim {cos_sin_cache.shape[-1]} is not the head dim {k.shape[-1]}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape[1:] != k.shape[1:]:
+        raise ValueError("the KV pool views must be contiguous [num_slots, Hk, D]")
+    if v.stride(-1) != 1:
+        raise ValueError("v must be contiguous in the head dimension")
+    _rope(positions, q, k, v, cos_sin_cache, (k_cache, v_cache, loc))
+
+
+def _rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
+          cos_sin_cache: torch.Tensor, store: tuple | None) -> None:
     T = positions.shape[0]
     if T == 0:
         return
@@ -135,9 +177,13 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         raise ValueError(f"rotary dim {2 * half} exceeds head dim {q.shape[-1]}")
     bh = triton.next_power_of_2(max(q.shape[1], k.shape[1]))
     bhalf = triton.next_power_of_2(half)
-    _rope_kernel[(T,)](q, k, positions, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+    k_cache, v_cache, loc = store if store is not None else (k, k, positions)  # unused without STORE
+    v_ = v if v is not None else k
+    _rope_kernel[(T,)](q, k, v_, positions, cos_sin_cache, k_cache, v_cache, loc,
+                       q.stride(0), q.stride(1), k.stride(0), k.stride(1), v_.stride(0), v_.stride(1),
                        NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HALF=half,
-                       BLOCK_H=bh, BLOCK_HALF=bhalf, num_warps=_launch_warps(bh * bhalf))
+                       BLOCK_H=bh, BLOCK_HALF=bhalf, STORE=store is not None,
+                       num_warps=_launch_warps(bh * bhalf))
 
 
 # ----------------------------------------------------------------------------------------- RMSNorm

@@ -17,16 +17,22 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 HAVE_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
-BACKENDS = ["torch", "triton", "flashinfer"]
+# "flashinfer" sends decode batches of <= 64 sequences to the Triton kernel; "flashinfer-decode" is
+# FlashInfer with its own decode kernel at every batch size.
+BACKENDS = ["torch", "triton", "flashinfer", "flashinfer-decode"]
 HEADS = [(32, 8, 128), (9, 3, 64)]
 
 
 def make_backend(name: str, hq: int, hk: int, d: int, dtype=None, **kw):
-    if name == "flashinfer" and not HAVE_FLASHINFER:
+    if name.startswith("flashinfer") and not HAVE_FLASHINFER:
         pytest.skip("flashinfer not installed")
     from kernels import create_attention_backend
     if name != "torch" and dtype is not None:
         kw["dtype"] = dtype
+    if name == "flashinfer-decode":
+        name, kw["small_decode_max_bs"] = "flashinfer", 0
+    elif name == "flashinfer-upto4":  # graphs of 1-4 sequences on Triton, 8 and 16 on FlashInfer
+        name, kw["small_decode_max_bs"] = "flashinfer", 4
     return create_attention_backend(name, hq, hk, d, device="cuda", **kw)
 
 
@@ -42,7 +48,7 @@ def test_backends_agree_with_fp32_reference(scenario, page_size, heads):
     outs = {}
     ref = None
     for name in BACKENDS:
-        if name == "flashinfer" and not HAVE_FLASHINFER:
+        if name.startswith("flashinfer") and not HAVE_FLASHINFER:
             continue
         case = make_paged_case(q_lens, prefix, num_q_heads=hq, num_kv_heads=hk, head_dim=d,
                                page_size=page_size, dtype=torch.bfloat16, device="cuda")
@@ -206,7 +212,24 @@ def test_triton_gemv_matches_float32(n, k):
     assert gemv_pays(w) and not gemv_pays(w.float()) and not gemv_pays(w[:, :500])
 
 
-@pytest.mark.parametrize("name", ["triton", "flashinfer"])
+def test_triton_gemv_with_silu_and_mul_equals_the_two_kernels():
+    """down_proj at batch 1: the activation fused into the GEMV gives what silu_and_mul followed
+    by the plain GEMV gives (same rounding of the activation, same summation order)."""
+    from kernels.triton_gemv import gemv
+    from kernels.triton_ops import silu_and_mul
+    g = torch.Generator(device="cuda").manual_seed(7)
+    w = (torch.randn(4096, 14336, device="cuda", generator=g) / 14336 ** 0.5).to(torch.bfloat16)
+    gate_up = torch.randn(1, 2 * 14336, device="cuda", generator=g).to(torch.bfloat16)
+    fused = gemv(gate_up, w, silu_and_mul=True)
+    two_kernels = gemv(silu_and_mul(gate_up), w)
+    ref = (torch.nn.functional.silu(gate_up[:, :14336].float()) * gate_up[:, 14336:].float()) @ w.float().T
+    assert (fused.float() - two_kernels.float()).abs().max().item() <= 1e-2
+    assert (fused.float() - ref).abs().max().item() <= 3e-2
+    with pytest.raises(ValueError):
+        gemv(gate_up[:, :14336], w, silu_and_mul=True)
+
+
+@pytest.mark.parametrize("name", ["triton", "flashinfer", "flashinfer-decode", "flashinfer-upto4"])
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_cuda_graph_replay_matches_eager(name, page_size):
     """Greedy decode of 13 sequences (padded to graph size 16) and of 3 (padded to 4): graph
@@ -326,7 +349,7 @@ def test_llama_model_backends_and_graphs(rope):
     last_rows = torch.tensor(qo[1:], device="cuda") - 1
     first_logits = {}
     for name in BACKENDS:
-        if name == "flashinfer" and not HAVE_FLASHINFER:
+        if name.startswith("flashinfer") and not HAVE_FLASHINFER:
             continue
         be = make_backend(name, hq, hk, d, dtype=torch.bfloat16)
         kv = KVCache(L, B * pages_per + 1, ps, hk, d, torch.bfloat16, "cuda")

@@ -102,6 +102,22 @@ def test_matches_float64_reference(case, page_size):
     torch.testing.assert_close(kv.flat(0)[0][untouched], before.flat(0)[0][untouched])
 
 
+@pytest.mark.parametrize("case", ["prefill_with_prefix", "mixed"])
+def test_kv_already_stored_by_the_caller(case):
+    """k = v = None: the new tokens' K/V are already in the pool (the fused RoPE + store kernel);
+    the result equals passing them in."""
+    seqs = CASES[case]
+    kv, batch, q, k, v, _ = make_case(seqs, 4, seed=11, num_layers=1)
+    kv2 = KVCache(1, kv.num_pages, 4, HKV, D, torch.float32, "cpu")
+    kv2.k[0].copy_(kv.k[0])
+    kv2.v[0].copy_(kv.v[0])
+    backend = TorchAttentionBackend(HQ, HKV, D)
+    meta = backend.prepare(batch)
+    expected = backend.forward(q, k, v, 0, kv, meta)
+    kv2.store(0, batch.out_cache_loc, k, v)
+    torch.testing.assert_close(backend.forward(q, None, None, 0, kv2, meta), expected, rtol=0, atol=0)
+
+
 def test_bfloat16_close_to_reference():
     seqs = CASES["mixed"]
     kv, batch, q, k, v, page_lists = make_case(seqs, 4, seed=3, dtype=torch.bfloat16, num_layers=1)

@@ -19,9 +19,13 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 in_child = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process")
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
+# Triton 3.6's interpreter turns loop bounds into 1-element arrays and calls int() on them, which
+# numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars").
+NUMPY_TOO_NEW = tuple(int(p) for p in __import__("numpy").__version__.split(".")[:2]) >= (2, 4)
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="driver runs only in the parent, needs triton")
+@pytest.mark.skipif(NUMPY_TOO_NEW, reason="Triton 3.6's interpreter fails with numpy >= 2.4 (int() of 1-element arrays)")
 def test_triton_kernels_in_interpreter():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "TRITON_INTERPRET": "1",
@@ -54,6 +58,20 @@ def test_attention_kernels_match_reference(scenario, page_size):
     kf, vf = case.kv_cache.flat(0)
     assert torch.equal(kf[case.batch.out_cache_loc], case.k)
     assert torch.equal(vf[case.batch.out_cache_loc], case.v)
+
+
+@in_child
+def test_triton_backend_with_kv_already_stored():
+    from paged_attention_ref import make_paged_case, reference_attention
+    from kernels.triton_backend import TritonAttentionBackend
+
+    case = make_paged_case([1, 12, 1], [6, 3, 0], num_q_heads=6, num_kv_heads=2, head_dim=16, page_size=4,
+                           dtype=torch.float32, device="cpu")
+    ref = reference_attention(case)
+    case.kv_cache.store(0, case.batch.out_cache_loc, case.k, case.v)
+    be = TritonAttentionBackend(6, 2, 16, device="cpu")
+    out = be.forward(case.q, None, None, 0, case.kv_cache, be.prepare(case.batch))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 @in_child
@@ -100,6 +118,20 @@ def test_ops_match_references():
     torch.testing.assert_close(q, q2)
     torch.testing.assert_close(kk, k2)
 
+    # RoPE with the K/V store fused: q rotated in place, rotated k and v in the pool, k untouched
+    qkv = torch.randn(5, (4 + 2 + 2) * 16, generator=g)
+    q, kk, vv = qkv[:, :64].view(5, 4, 16), qkv[:, 64:96].view(5, 2, 16), qkv[:, 96:].view(5, 2, 16)
+    q2, k_before = q.clone(), kk.clone()
+    pools = [(torch.zeros(40, 2, 16), torch.zeros(40, 2, 16)) for _ in range(2)]
+    loc = torch.tensor([1, 39, 7, 0, 22])
+    ops.rotary_embedding_and_store_kv(pos, q, kk, vv, cache, *pools[0], loc)
+    ops.rotary_embedding_and_store_kv_ref(pos, q2, kk.clone(), vv, cache, *pools[1], loc)
+    torch.testing.assert_close(q, q2)
+    torch.testing.assert_close(pools[0][0], pools[1][0])
+    assert torch.equal(pools[0][1], pools[1][1]) and torch.equal(kk, k_before)
+    with pytest.raises(ValueError):  # the rotary dim must cover the head
+        ops.rotary_embedding_and_store_kv(pos, q, kk, vv, ops.rope_cos_sin_cache(64, 8, 1e4), *pools[0], loc)
+
     x, r, w = torch.randn(6, 40, generator=g), torch.randn(6, 40, generator=g), torch.randn(40, generator=g)
     r1, r2 = r.clone(), r.clone()
     torch.testing.assert_close(ops.fused_add_rmsnorm(x, r1, w, 1e-5), ops.fused_add_rmsnorm_ref(x, r2, w, 1e-5))
@@ -121,6 +153,25 @@ def test_ops_match_references():
 
     x = torch.randn(3, 2, 2 * 1500, generator=g)
     torch.testing.assert_close(ops.silu_and_mul(x), ops.silu_and_mul_ref(x))
+
+
+@in_child
+def test_gemv_matches_matmul():
+    """The batch-1 GEMV, plain and with SiLU-and-mul of a [gate | up] input fused in (float32; one
+    configuration of the autotuned kernel, as the interpreter does not time)."""
+    from kernels import triton_gemv
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 1024, generator=g)
+    x = torch.randn(1, 1024, generator=g)
+    kernel = triton_gemv._gemv_kernel.fn  # the jitted function under the autotuner
+    for silu_and_mul in (False, True):
+        xin = torch.randn(1, 2048, generator=g) if silu_and_mul else x
+        y = torch.empty(1, 64)
+        kernel[(64 // 16,)](xin, w, y, 64, 1024, w.stride(0), SILU_AND_MUL=silu_and_mul,
+                            BLOCK_N=16, BLOCK_K=256)
+        act = torch.nn.functional.silu(xin[:, :1024]) * xin[:, 1024:] if silu_and_mul else x
+        torch.testing.assert_close(y, act @ w.T, atol=1e-3, rtol=1e-4)
 
 
 @in_child

@@ -199,8 +199,20 @@ class RowParallelLinear(nn.Module):
 
     gemv = False  # batch-1 products through the Triton GEMV (`enable_gemv`)
 
+    def takes_silu_and_mul(self, x: torch.Tensor) -> bool:
+        """Whether `forward_silu_and_mul(x)` fuses the activation (a batch-1 GEMV)."""
+        return self.gemv and x.dim() == 2 and x.shape[0] == 1
+
+    def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """forward(silu(gate) * up) for gate_up = [gate | up], the activation computed inside the
+        Triton GEMV (only where `takes_silu_and_mul`)."""
+        from kernels.triton_gemv import gemv as triton_gemv  # noqa: PLC0415 - CUDA only
+        return self._reduce(triton_gemv(gate_up, self.weight, silu_and_mul=True))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, gemv=self.gemv)
+        return self._reduce(linear(x, self.weight, gemv=self.gemv))
+
+    def _reduce(self, y: torch.Tensor) -> torch.Tensor:
         if self.tp_size > 1:
             dist.all_reduce(y, group=self.tp_group)
         if self.bias is not None:

@@ -104,6 +104,16 @@ class RotaryEmbedding(nn.Module):
         cs = self.cos_sin_cache.index_select(0, positions).to(dtype).unsqueeze(1)  # [T, 1, D]
         return RopeStep(positions, cs[..., :self.half], cs[..., self.half:])
 
+    def fuses_kv_store(self, step: RopeStep, head_dim: int) -> bool:
+        """Whether `apply_and_store_kv` can be used: the fused CUDA path, RoPE over the whole head."""
+        return step.cos is None and 2 * self.half == head_dim
+
+    def apply_and_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: RopeStep,
+                           k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor) -> None:
+        """Rotate q in place and write rotated k and v into the flat KV-pool views at slots `loc`."""
+        cuda_fused_ops().rotary_embedding_and_store_kv(step.positions, q, k, v, self.cos_sin_cache,
+                                                       k_cache, v_cache, loc)
+
     def apply(self, q: torch.Tensor, k: torch.Tensor, step: RopeStep) -> tuple[torch.Tensor, torch.Tensor]:
         if step.cos is None:
             cuda_fused_ops().rotary_embedding(step.positions, q, k, self.cos_sin_cache)
@@ -146,7 +156,12 @@ class LlamaAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply(q, k, rope_step)
+        if rope.fuses_kv_store(rope_step, self.head_dim):
+            # one kernel rotates q and writes rotated k and v into the pool; the backend skips its store
+            rope.apply_and_store_kv(q, k, v, rope_step, *ctx.kv_cache.flat(self.layer_id), ctx.batch.out_cache_loc)
+            k = v = None
+        else:
+            q, k = rope.apply(q, k, rope_step)
         out = ctx.backend.forward(q, k, v, self.layer_id, ctx.kv_cache, ctx.meta)
         return self.o_proj(out.reshape(T, self.q_size))
 
@@ -166,7 +181,10 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if self.down_proj.takes_silu_and_mul(gate_up):  # batch-1 decode: one kernel fewer per layer
+            return self.down_proj.forward_silu_and_mul(gate_up)
+        return self.down_proj(self.act(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
