@@ -11,6 +11,8 @@ against; callers on CPU (or without Triton) use the reference directly.
 - `gather_tokens`: next decode's input ids from the GPU token table (overlap scheduling).
 - `gather_kv_indices`: a step's flat page list from the device page table (one row per request).
 - `silu_and_mul`: the gated MLP activation, silu(gate) * up, in one pass.
+- `argmax`: greedy sampling's row argmax over the vocabulary, in two passes over many programs
+  (torch's reduction gives one row to few blocks: 27 us for one 128k-vocab row on an H200).
 
 Tensors must be contiguous in their last dimension; the kernels take row strides so views of a
 fused qkv projection work without a copy.
@@ -346,3 +348,43 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, out, x2.stride(0), out.stride(0), d,
                                                                     BLOCK=block, num_warps=4)
     return out.view(*x.shape[:-1], d)
+
+
+# ------------------------------------------------------------------------------------------ argmax
+
+
+@triton.jit
+def _argmax_chunks_kernel(x_ptr, max_ptr, idx_ptr, x_stride, V, NUM_CHUNKS, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + r * x_stride + offs, mask=offs < V, other=float("-inf"))
+    best, pos = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(max_ptr + r * NUM_CHUNKS + c, best)
+    tl.store(idx_ptr + r * NUM_CHUNKS + c, (c * BLOCK + pos).to(tl.int64))
+
+
+@triton.jit
+def _argmax_merge_kernel(max_ptr, idx_ptr, out_ptr, NUM_CHUNKS, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    best = tl.load(max_ptr + r * NUM_CHUNKS + c, mask=c < NUM_CHUNKS, other=float("-inf"))
+    _, chunk = tl.max(best, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(out_ptr + r, tl.load(idx_ptr + r * NUM_CHUNKS + chunk))
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) for a 2-D float tensor (ties: the first index, as torch)."""
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError("argmax takes a 2-D tensor contiguous in its last dimension")
+    B, V = x.shape
+    out = torch.empty(B, dtype=torch.int64, device=x.device)
+    if B == 0 or V == 0:
+        return x.argmax(dim=-1)
+    block = min(4096, triton.next_power_of_2(V))
+    chunks = triton.cdiv(V, block)
+    best = torch.empty((B, chunks), dtype=x.dtype, device=x.device)
+    idx = torch.empty((B, chunks), dtype=torch.int64, device=x.device)
+    _argmax_chunks_kernel[(B, chunks)](x, best, idx, x.stride(0), V, chunks, BLOCK=block, num_warps=8)
+    _argmax_merge_kernel[(B,)](best, idx, out, chunks, BLOCK_C=triton.next_power_of_2(chunks), num_warps=1)
+    return out

@@ -130,6 +130,17 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.gemv)
 
+    def fuses_silu_and_mul(self, x: torch.Tensor) -> bool:
+        """Whether `forward_silu_and_mul(x)` applies: a batch-1 GEMV over a bias-free [gate; up]."""
+        return (self.gemv and self.bias is None and len(self.shard_sizes) == 2
+                and self.shard_sizes[0] == self.shard_sizes[1] and self.shard_sizes[0] % 32 == 0
+                and x.dim() == 2 and x.shape[0] == 1)
+
+    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of this gate_up projection, the activation applied in the GEMV's epilogue."""
+        from kernels.triton_gemv import gemv as triton_gemv  # noqa: PLC0415 - CUDA only
+        return triton_gemv(x, self.weight, silu_and_mul=True)
+
 
 class QKVParallelLinear(ColumnParallelLinear):
     """Fused q/k/v projection, split by heads.
@@ -199,20 +210,8 @@ class RowParallelLinear(nn.Module):
 
     gemv = False  # batch-1 products through the Triton GEMV (`enable_gemv`)
 
-    def takes_silu_and_mul(self, x: torch.Tensor) -> bool:
-        """Whether `forward_silu_and_mul(x)` fuses the activation (a batch-1 GEMV)."""
-        return self.gemv and x.dim() == 2 and x.shape[0] == 1
-
-    def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """forward(silu(gate) * up) for gate_up = [gate | up], the activation computed inside the
-        Triton GEMV (only where `takes_silu_and_mul`)."""
-        from kernels.triton_gemv import gemv as triton_gemv  # noqa: PLC0415 - CUDA only
-        return self._reduce(triton_gemv(gate_up, self.weight, silu_and_mul=True))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._reduce(linear(x, self.weight, gemv=self.gemv))
-
-    def _reduce(self, y: torch.Tensor) -> torch.Tensor:
+        y = linear(x, self.weight, gemv=self.gemv)
         if self.tp_size > 1:
             dist.all_reduce(y, group=self.tp_group)
         if self.bias is not None:

@@ -181,10 +181,9 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if self.down_proj.takes_silu_and_mul(gate_up):  # batch-1 decode: one kernel fewer per layer
-            return self.down_proj.forward_silu_and_mul(gate_up)
-        return self.down_proj(self.act(gate_up))
+        if self.gate_up_proj.fuses_silu_and_mul(x):  # batch-1 decode: one kernel fewer per layer
+            return self.down_proj(self.gate_up_proj.forward_silu_and_mul(x))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
