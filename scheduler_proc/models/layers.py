@@ -141,6 +141,23 @@ class ColumnParallelLinear(nn.Module):
         from kernels.triton_gemv import gemv as triton_gemv  # noqa: PLC0415 - CUDA only
         return triton_gemv(x, self.weight, silu_and_mul=True)
 
+    def fuses_rmsnorm(self, x: torch.Tensor) -> bool:
+        """Whether `forward_rmsnorm(x, ...)` applies: a batch-1 GEMV."""
+        return self.gemv and x.dim() == 2 and x.shape[0] == 1
+
+    def forward_rmsnorm(self, x: torch.Tensor, residual: Optional[torch.Tensor], norm: RMSNorm,
+                        silu_and_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward(normed), x + residual) with normed, x + residual = norm(x, residual) computed
+        inside the GEMV (residual None: norm(x), and x is the residual). With `silu_and_mul`, as
+        `forward_silu_and_mul` (no bias). Only where `fuses_rmsnorm` (and `fuses_silu_and_mul`)."""
+        from kernels.triton_gemv import GemvNorm, gemv as triton_gemv  # noqa: PLC0415 - CUDA only
+        summed = torch.empty_like(x) if residual is not None else x
+        spec = GemvNorm(norm.weight, norm.eps, residual, summed if residual is not None else None)
+        y = triton_gemv(x, self.weight, silu_and_mul=silu_and_mul, norm=spec)
+        if self.bias is not None and not silu_and_mul:
+            y = y + self.bias
+        return y, summed
+
 
 class QKVParallelLinear(ColumnParallelLinear):
     """Fused q/k/v projection, split by heads.
