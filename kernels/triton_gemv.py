@@ -37,22 +37,22 @@ _CONFIGS = [
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, gamma_ptr, eps, N, K, stride_w,
                  SILU_AND_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 NORM_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     if NORM:
         # Same arithmetic as kernels.triton_ops.fused_add_rmsnorm: the sum is rounded to the
-        # activation dtype, the variance taken in float32.
-        sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            h = tl.load(x_ptr + k0 + cols)
-            if HAS_RES:
-                h = h + tl.load(res_ptr + k0 + cols)
-                tl.store(res_out_ptr + k0 + cols, h, mask=(cols < BLOCK_K) & (pid == 0))
-            hf = h.to(tl.float32)
-            sq += hf * hf
-        rstd = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+        # activation dtype, the variance taken in float32. One load of the whole row: a loop of
+        # BLOCK_K slices would pay an L2 round trip per slice before any weight is read.
+        row = tl.arange(0, NORM_BLOCK)
+        in_row = row < K
+        h = tl.load(x_ptr + row, mask=in_row, other=0.0)
+        if HAS_RES:
+            h = h + tl.load(res_ptr + row, mask=in_row, other=0.0)
+            tl.store(res_out_ptr + row, h, mask=in_row & (pid == 0))
+        hf = h.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / K + eps)
     w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     if SILU_AND_MUL:
@@ -120,5 +120,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool = False,
     eps = norm.eps if norm is not None else 0.0
     _gemv_kernel[lambda meta: (n // meta["BLOCK_N"],)](xc, weight, y, res, res_out, gamma, eps, n, k,
                                                        weight.stride(0), SILU_AND_MUL=silu_and_mul,
-                                                       NORM=norm is not None, HAS_RES=has_res)
+                                                       NORM=norm is not None, HAS_RES=has_res,
+                                                       NORM_BLOCK=triton.next_power_of_2(k) if norm is not None else 1)
     return y

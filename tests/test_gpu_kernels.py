@@ -235,7 +235,9 @@ def test_triton_gemv_with_silu_and_mul_equals_the_two_kernels():
     ref = torch.nn.functional.silu(x.float() @ w[:14336].float().T) * (x.float() @ w[14336:].float().T)
     assert fused.shape == (1, 14336)
     assert (fused.float() - two_kernels.float()).abs().max().item() <= 2e-2
-    assert (fused.float() - ref).abs().max().item() <= 5e-2
+    # bf16 rounding of gate and up before the product: as far from float32 as the two kernels
+    two_kernel_err = (two_kernels.float() - ref).abs().max().item()
+    assert (fused.float() - ref).abs().max().item() <= max(1.5 * two_kernel_err, 1e-2)
     with pytest.raises(ValueError):
         gemv(x, w[:, :2048], silu_and_mul=True)
 

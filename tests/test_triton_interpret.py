@@ -176,7 +176,7 @@ def test_gemv_matches_matmul():
         n = 32 if silu_and_mul else 64
         y = torch.empty(1, n)
         kernel[(n // 16,)](x, w, y, x, x, x, 0.0, n, 1024, w.stride(0), SILU_AND_MUL=silu_and_mul,
-                           NORM=False, HAS_RES=False, BLOCK_N=16, BLOCK_K=256)
+                           NORM=False, HAS_RES=False, NORM_BLOCK=1, BLOCK_N=16, BLOCK_K=256)
         ref = silu_and_mul_ref(x @ w.T) if silu_and_mul else x @ w.T
         torch.testing.assert_close(y, ref, atol=1e-3, rtol=1e-4)
 
@@ -188,7 +188,8 @@ def test_gemv_matches_matmul():
             n = 32 if silu_and_mul else 64
             y, summed = torch.empty(1, n), torch.full((1, 1024), float("nan"))
             kernel[(n // 16,)](x, w, y, residual, summed, gamma, 1e-5, n, 1024, w.stride(0),
-                               SILU_AND_MUL=silu_and_mul, NORM=True, HAS_RES=has_res, BLOCK_N=16, BLOCK_K=256)
+                               SILU_AND_MUL=silu_and_mul, NORM=True, HAS_RES=has_res, NORM_BLOCK=1024,
+                               BLOCK_N=16, BLOCK_K=256)
             h = x + residual if has_res else x
             out = rmsnorm_ref(h, gamma, 1e-5) @ w.T
             torch.testing.assert_close(y, silu_and_mul_ref(out) if silu_and_mul else out, atol=1e-3, rtol=1e-4)
