@@ -29,7 +29,6 @@ import time
 import torch
 
 from scheduler_proc.engine import Engine
-from scheduler_proc.models.layers import ColumnParallelLinear
 from scheduler_proc.step_timeline import StepTimeline
 from server.config import ServerConfig
 from server.ipc import SamplingParams, TokenizedRequest
@@ -40,15 +39,7 @@ VARIANTS = {
     "no-graph": {"disable_cuda_graph": True},
     "no-gemv": {"disable_triton_gemv": True},
     "triton-attn": {"attention_backend": "triton"},
-    "no-norm-fusion": {},  # batch-1 GEMVs without the RMSNorm prologue (see main)
 }
-
-
-_fuses_rmsnorm = ColumnParallelLinear.fuses_rmsnorm
-
-
-def _no_fusion(self, x) -> bool:
-    return False
 
 
 def parse_scenario(name: str) -> tuple[int, int, int]:
@@ -122,8 +113,6 @@ def main() -> None:
         torch.backends.cuda.preferred_blas_library(args.blas)
     results = {}
     for variant in args.variants:
-        # The RMSNorm-in-GEMV fusion has no engine flag: this A/B switches the model's routing off.
-        ColumnParallelLinear.fuses_rmsnorm = (_no_fusion if variant == "no-norm-fusion" else _fuses_rmsnorm)
         settings = {"attention_backend": args.attention_backend, **VARIANTS[variant]}
         cfg = ServerConfig(model=args.model, tokenizer=args.tokenizer, load_format="dummy", device="cuda",
                            page_size=args.page_size, max_running_requests=args.max_running_requests,

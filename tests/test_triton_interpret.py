@@ -163,40 +163,16 @@ def test_ops_match_references():
 
 @in_child
 def test_gemv_matches_matmul():
-    """The batch-1 GEMV, plain and over a fused [gate; up] weight with SiLU-and-mul in its
-    epilogue (float32; one configuration of the autotuned kernel, as the interpreter does not time)."""
+    """The batch-1 GEMV (float32; one configuration of the autotuned kernel, as the interpreter
+    does not time)."""
     from kernels import triton_gemv
-    from kernels.triton_ops import silu_and_mul_ref
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 1024, generator=g)
     x = torch.randn(1, 1024, generator=g)
-    kernel = triton_gemv._gemv_kernel.fn  # the jitted function under the autotuner
-    for silu_and_mul in (False, True):
-        n = 32 if silu_and_mul else 64
-        y = torch.empty(1, n)
-        kernel[(n // 16,)](x, w, y, x, x, x, 0.0, n, 1024, w.stride(0), SILU_AND_MUL=silu_and_mul,
-                           NORM=False, HAS_RES=False, NORM_BLOCK=1, BLOCK_N=16, BLOCK_K=256)
-        ref = silu_and_mul_ref(x @ w.T) if silu_and_mul else x @ w.T
-        torch.testing.assert_close(y, ref, atol=1e-3, rtol=1e-4)
-
-    # (residual add +) RMSNorm of the input inside the kernel; program 0 writes the sum
-    from kernels.triton_ops import rmsnorm_ref
-    residual, gamma = torch.randn(1, 1024, generator=g), torch.randn(1024, generator=g)
-    for has_res in (False, True):
-        for silu_and_mul in (False, True):
-            n = 32 if silu_and_mul else 64
-            y, summed = torch.empty(1, n), torch.full((1, 1024), float("nan"))
-            kernel[(n // 16,)](x, w, y, residual, summed, gamma, 1e-5, n, 1024, w.stride(0),
-                               SILU_AND_MUL=silu_and_mul, NORM=True, HAS_RES=has_res, NORM_BLOCK=1024,
-                               BLOCK_N=16, BLOCK_K=256)
-            h = x + residual if has_res else x
-            out = rmsnorm_ref(h, gamma, 1e-5) @ w.T
-            torch.testing.assert_close(y, silu_and_mul_ref(out) if silu_and_mul else out, atol=1e-3, rtol=1e-4)
-            if has_res:
-                torch.testing.assert_close(summed, h, atol=0, rtol=0)
-            else:
-                assert summed.isnan().all()
+    y = torch.empty(1, 64)
+    triton_gemv._gemv_kernel.fn[(64 // 16,)](x, w, y, 64, 1024, w.stride(0), BLOCK_N=16, BLOCK_K=256)
+    torch.testing.assert_close(y, x @ w.T, atol=1e-3, rtol=1e-4)
 
 
 @in_child

@@ -130,34 +130,6 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.gemv)
 
-    def fuses_silu_and_mul(self, x: torch.Tensor) -> bool:
-        """Whether `forward_silu_and_mul(x)` applies: a batch-1 GEMV over a bias-free [gate; up]."""
-        return (self.gemv and self.bias is None and len(self.shard_sizes) == 2
-                and self.shard_sizes[0] == self.shard_sizes[1] and self.shard_sizes[0] % 32 == 0
-                and x.dim() == 2 and x.shape[0] == 1)
-
-    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up of this gate_up projection, the activation applied in the GEMV's epilogue."""
-        from kernels.triton_gemv import gemv as triton_gemv  # noqa: PLC0415 - CUDA only
-        return triton_gemv(x, self.weight, silu_and_mul=True)
-
-    def fuses_rmsnorm(self, x: torch.Tensor) -> bool:
-        """Whether `forward_rmsnorm(x, ...)` applies: a batch-1 GEMV."""
-        return self.gemv and x.dim() == 2 and x.shape[0] == 1
-
-    def forward_rmsnorm(self, x: torch.Tensor, residual: Optional[torch.Tensor], norm: RMSNorm,
-                        silu_and_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(forward(normed), x + residual) with normed, x + residual = norm(x, residual) computed
-        inside the GEMV (residual None: norm(x), and x is the residual). With `silu_and_mul`, as
-        `forward_silu_and_mul` (no bias). Only where `fuses_rmsnorm` (and `fuses_silu_and_mul`)."""
-        from kernels.triton_gemv import GemvNorm, gemv as triton_gemv  # noqa: PLC0415 - CUDA only
-        summed = torch.empty_like(x) if residual is not None else x
-        spec = GemvNorm(norm.weight, norm.eps, residual, summed if residual is not None else None)
-        y = triton_gemv(x, self.weight, silu_and_mul=silu_and_mul, norm=spec)
-        if self.bias is not None and not silu_and_mul:
-            y = y + self.bias
-        return y, summed
-
 
 class QKVParallelLinear(ColumnParallelLinear):
     """Fused q/k/v projection, split by heads.

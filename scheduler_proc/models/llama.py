@@ -148,12 +148,8 @@ class LlamaAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, rope: RotaryEmbedding, rope_step: RopeStep,
                 ctx: AttentionContext) -> torch.Tensor:
-        return self.attend(self.qkv_proj(hidden), rope, rope_step, ctx)
-
-    def attend(self, qkv: torch.Tensor, rope: RotaryEmbedding, rope_step: RopeStep,
-               ctx: AttentionContext) -> torch.Tensor:
-        """Attention and o_proj from the qkv projection's output."""
-        T = qkv.shape[0]
+        T = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
@@ -185,23 +181,7 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj.fuses_silu_and_mul(x):  # batch-1 decode: one kernel fewer per layer
-            return self.down_proj(self.gate_up_proj.forward_silu_and_mul(x))
         return self.down_proj(self.act(self.gate_up_proj(x)))
-
-    def forward_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor,
-                        norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """(forward(normed), x + residual) for normed, x + residual = norm(x, residual), the norm
-        (and the activation, where it fuses) inside the gate_up GEMV."""
-        if not self.gate_up_proj.fuses_rmsnorm(x):
-            normed, residual = norm(x, residual)
-            return self(normed), residual
-        if self.gate_up_proj.fuses_silu_and_mul(x):
-            act, residual = self.gate_up_proj.forward_rmsnorm(x, residual, norm, silu_and_mul=True)
-        else:
-            gate_up, residual = self.gate_up_proj.forward_rmsnorm(x, residual, norm)
-            act = self.act(gate_up)
-        return self.down_proj(act), residual
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -214,11 +194,6 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], rope: RotaryEmbedding,
                 rope_step: RopeStep, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.self_attn.qkv_proj.fuses_rmsnorm(hidden):
-            # batch-1 GEMVs: each residual add + RMSNorm runs inside the next projection's kernel
-            qkv, residual = self.self_attn.qkv_proj.forward_rmsnorm(hidden, residual, self.input_layernorm)
-            hidden = self.self_attn.attend(qkv, rope, rope_step, ctx)
-            return self.mlp.forward_rmsnorm(hidden, residual, self.post_attention_layernorm)
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
