@@ -12,7 +12,7 @@
 - Small decode batches (up to `small_decode_max_bs` sequences, default 64) run our Triton
   split-KV decode kernel instead (`kernels/triton_backend.py`), eager and in CUDA graphs: on an
   H200 at batch 1 and 256 tokens of context FlashInfer's CUDA-graph decode plus its split merge
-  took 11.9 us a layer against 6.0 for the Triton pair, and batch 64 decoded 1.4% faster
+  took 11.8 us a layer against 6.0 for the Triton pair, and batch 64 decoded 1.4% faster
   (docs/benchmarks.md). Larger decode batches, prefills and mixed batches stay on FlashInfer.
 - K/V of new tokens are written by our Triton `store_kv` (one launch for K and V, any
   `out_cache_loc`; FlashInfer's append kernel needs per-token batch indices and positions that
