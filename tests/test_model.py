@@ -342,6 +342,9 @@ def _tp_worker(rank: int, world: int, port: int, config_dicts: list[dict], ids: 
             logits = _run_tiny(model, ids)
             if rank == 0:
                 queue.put(logits.tolist())
+        # Without it a rank can tear gloo down while its peer is still in its last collective; the
+        # peer then aborts at exit ("terminate called without an active exception", seen in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
