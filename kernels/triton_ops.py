@@ -378,9 +378,9 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError("argmax takes a 2-D tensor contiguous in its last dimension")
     B, V = x.shape
-    out = torch.empty(B, dtype=torch.int64, device=x.device)
     if B == 0 or V == 0:
         return x.argmax(dim=-1)
+    out = torch.empty(B, dtype=torch.int64, device=x.device)
     block = min(4096, triton.next_power_of_2(V))
     chunks = triton.cdiv(V, block)
     best = torch.empty((B, chunks), dtype=x.dtype, device=x.device)

@@ -468,7 +468,6 @@ def _flashinfer_sampling():
     return fs
 
 
-
 def _row_argmax(logits: torch.Tensor) -> torch.Tensor:
     """argmax over the vocabulary per row; on CUDA the two-pass Triton kernel
     (`kernels.triton_ops.argmax`: torch's reduction spent 27 us on one 128k-vocab row, H200)."""
@@ -476,6 +475,7 @@ def _row_argmax(logits: torch.Tensor) -> torch.Tensor:
     if ops is not None and logits.stride(-1) == 1:
         return ops.argmax(logits)
     return logits.argmax(dim=-1)
+
 
 class Sampler:
     """Samples one token per row from a [B, V] logits block; see the module docstring.

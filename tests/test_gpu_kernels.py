@@ -384,7 +384,7 @@ def test_llama_model_backends_and_graphs(rope):
         assert torch.equal(first_logits[a].argmax(-1), first_logits[names[0]].argmax(-1)), a
 
 
-def test_llama_batch1_fused_path_matches_unfused():
+def test_llama_batch1_gemv_path_matches_cublas():
     """Batch-1 decode on the 8B layer shapes through the Triton GEMVs against the same weights on
     cuBLAS: teacher-forced over 4 steps, logits agree within bf16 noise and the pools hold the
     same K/V (both write them with the fused RoPE + store kernel)."""
@@ -405,8 +405,8 @@ def test_llama_batch1_fused_path_matches_unfused():
                                                         device="cuda"),
                              positions=torch.arange(n, device="cuda"), q_lens_cpu=[n], seq_lens_cpu=[n], page_size=ps)
     runs = {}
-    for fused in (False, True):
-        if fused:
+    for gemv in (False, True):
+        if gemv:
             assert enable_gemv(model) == 4 * L + 1  # qkv, o, gate_up, down per layer + lm_head
         be = make_backend("triton", hq, hk, d, dtype=torch.bfloat16)
         kv = KVCache(L, len(pages) + 1, ps, hk, d, torch.bfloat16, "cuda")
@@ -417,7 +417,7 @@ def test_llama_batch1_fused_path_matches_unfused():
                 batch = _decode_batch({0: pages}, {0: n + step}, ps)
                 ctx = AttentionContext(be, be.prepare(batch), kv, batch)
                 logits.append(model.compute_logits(model(forced[step:step + 1], batch.positions, ctx)))
-        runs[fused] = (torch.cat(logits).float().cpu(), kv)
+        runs[gemv] = (torch.cat(logits).float().cpu(), kv)
     scale = runs[False][0].abs().max().item()
     torch.testing.assert_close(runs[True][0], runs[False][0], atol=0.03 * scale, rtol=0.03)
     for layer in range(L):
