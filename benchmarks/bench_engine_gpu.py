@@ -39,6 +39,7 @@ VARIANTS = {
     "no-graph": {"disable_cuda_graph": True},
     "no-gemv": {"disable_triton_gemv": True},
     "triton-attn": {"attention_backend": "triton"},
+    "no-pdl": {"disable_pdl": True},
 }
 
 

@@ -32,12 +32,14 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--disable-cuda-graph", action="store_true")
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--disable-pdl", action="store_true")
     ap.add_argument("--phase", choices=["decode", "prefill"], default="decode",
                     help="prefill: profile the first --steps steps (the prompts' chunks) instead")
     args = ap.parse_args()
     cfg = ServerConfig(model=args.model, tokenizer=args.tokenizer, load_format="dummy", device="cuda",
                        max_running_requests=256, chunked_prefill_size=8192,
-                       disable_cuda_graph=args.disable_cuda_graph, attention_backend=args.attention_backend)
+                       disable_cuda_graph=args.disable_cuda_graph, attention_backend=args.attention_backend,
+                       disable_pdl=args.disable_pdl)
     engine = Engine(cfg)
     rng = random.Random(0)
     for bs in args.batches:

@@ -14,6 +14,7 @@
   H200 at batch 1 and 256 tokens of context FlashInfer's CUDA-graph decode plus its split merge
   took 11.8 us a layer against 6.0 for the Triton pair, and batch 64 decoded 1.4% faster
   (docs/benchmarks.md). Larger decode batches, prefills and mixed batches stay on FlashInfer.
+  With `pdl` the Triton decode kernels launch with programmatic dependent launch (`kernels/pdl.py`).
 - K/V of new tokens are written by our Triton `store_kv` (one launch for K and V, any
   `out_cache_loc`; FlashInfer's append kernel needs per-token batch indices and positions that
   we would first have to build).
@@ -98,7 +99,7 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: Optional[float] = None,
                  *, device: torch.device | str = "cuda", dtype: Optional[torch.dtype] = None,
                  workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, prefill_backend: str = "auto",
-                 split_mixed: bool = True, small_decode_max_bs: int = SMALL_DECODE_MAX_BS):
+                 split_mixed: bool = True, small_decode_max_bs: int = SMALL_DECODE_MAX_BS, pdl: bool = False):
         super().__init__(num_q_heads, num_kv_heads, head_dim, scale)
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} kv heads")
@@ -117,7 +118,7 @@ class FlashInferAttentionBackend(BaseAttentionBackend):
         # decode batches of up to this many sequences go to the Triton kernel (0: never)
         self.small_decode_max_bs = small_decode_max_bs
         self._small_decode = (TritonAttentionBackend(num_q_heads, num_kv_heads, head_dim, scale, device=device,
-                                                     dtype=dtype) if small_decode_max_bs > 0 else None)
+                                                     dtype=dtype, pdl=pdl) if small_decode_max_bs > 0 else None)
         self._page_size: Optional[int] = None  # of the last planned batch; graphs reuse it
         # per wrapper: an event after its last plan's host->device copy
         self._staged: dict[int, torch.cuda.Event] = {}

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_enter
+
 _LOG2E = 1.4426950408889634
 
 
@@ -27,7 +29,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, seq
                          q_stride_t, q_stride_h, kv_stride_slot, kv_stride_h, NUM_SPLITS,
                          GROUP: tl.constexpr, NUM_Q_HEADS: tl.constexpr,
                          HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -80,7 +84,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, seq
 @triton.jit
 def _decode_merge_kernel(part_o_ptr, part_lse_ptr, o_ptr, o_stride_t, o_stride_h, NUM_SPLITS,
                          NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -102,13 +107,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      kv_indptr: torch.Tensor, kv_indices: torch.Tensor, seq_lens: torch.Tensor,
                      page_size: int, sm_scale: float, num_splits: int,
                      out: torch.Tensor | None = None, block_n: int | None = None,
-                     num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                     num_warps: int = 4, num_stages: int = 2, pdl: bool = False) -> torch.Tensor:
     """q: [B, Hq, D]; k_cache/v_cache: [num_slots, Hk, D] flat views; returns [B, Hq, D].
 
     Only kv_indptr[b] (the first page of row b's pages in kv_indices) is read, so a gathered
     [B] tensor of starts works as well as a full [B+1] indptr.
     Rows whose seq_len is 0 are not allowed (every decode attends at least to itself).
-    block_n / num_warps / num_stages are tuning knobs (defaults measured on H100)."""
+    block_n / num_warps / num_stages are tuning knobs (defaults measured on H100); `pdl` launches
+    both kernels with programmatic dependent launch (`kernels/pdl.py`)."""
     B, Hq, D = q.shape
     Hk = k_cache.shape[1]
     group = Hq // Hk
@@ -126,11 +132,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, kv_indptr, kv_indices, seq_lens, part_o, part_lse, sm_scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), num_splits,
         GROUP=group, NUM_Q_HEADS=Hq, HEAD_DIM=D, PAGE=page_size,
-        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
+        USE_PDL=pdl, launch_pdl=pdl)
     _decode_merge_kernel[(B, Hq)](
         part_o, part_lse, out, out.stride(0), out.stride(1), num_splits,
         NUM_Q_HEADS=Hq, HEAD_DIM=D,
-        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=1 if D <= 64 else 2)
+        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=1 if D <= 64 else 2,
+        USE_PDL=pdl, launch_pdl=pdl)
     return out
 
 

@@ -60,9 +60,10 @@ class TritonAttentionBackend(BaseAttentionBackend):
 
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: Optional[float] = None,
                  *, device: torch.device | str = "cuda", dtype: Optional[torch.dtype] = None,
-                 split_mixed: bool = True):
+                 split_mixed: bool = True, pdl: bool = False):
         super().__init__(num_q_heads, num_kv_heads, head_dim, scale)
         self.split_mixed = split_mixed
+        self.pdl = pdl  # decode kernels launch with programmatic dependent launch (kernels/pdl.py)
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} kv heads")
         self.device = torch.device(device)
@@ -102,14 +103,14 @@ class TritonAttentionBackend(BaseAttentionBackend):
             store_kv(kf, vf, meta.out_cache_loc, k, v)
         if meta.is_decode:
             return decode_attention(q, kf, vf, meta.kv_indptr, meta.kv_indices, meta.seq_lens,
-                                    kv_cache.page_size, self.scale, meta.num_splits)
+                                    kv_cache.page_size, self.scale, meta.num_splits, pdl=self.pdl)
         dr = meta.decode_rows
         out = extend_attention(q, kf, vf, meta.qo_indptr, meta.kv_indptr, meta.kv_indices, meta.seq_lens,
                                meta.max_q_len, kv_cache.page_size, self.scale, skip_decode=dr is not None)
         if dr is not None:
             out.index_copy_(0, dr.rows, decode_attention(q.index_select(0, dr.rows), kf, vf, dr.kv_start,
                                                          meta.kv_indices, dr.seq_lens, kv_cache.page_size,
-                                                         self.scale, dr.num_splits))
+                                                         self.scale, dr.num_splits, pdl=self.pdl))
         return out
 
     # ---------------------------------------------------------------------------- CUDA graphs

@@ -15,7 +15,8 @@ against; callers on CPU (or without Triton) use the reference directly.
   (torch's reduction gives one row to few blocks: 27 us for one 128k-vocab row on an H200).
 
 Tensors must be contiguous in their last dimension; the kernels take row strides so views of a
-fused qkv projection work without a copy.
+fused qkv projection work without a copy. The per-layer kernels of a decode step (RoPE, RMSNorm,
+SiLU-and-mul) take `pdl=True` to launch with programmatic dependent launch (`kernels/pdl.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kernels.pdl import pdl_enter
 
 
 def _launch_warps(block: int) -> int:
@@ -74,7 +77,8 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor,
 def _rope_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cache_ptr, k_cache_ptr, v_cache_ptr, loc_ptr,
                  q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
                  NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
-                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, STORE: tl.constexpr):
+                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, STORE: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)
@@ -138,9 +142,9 @@ def rotary_embedding_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tens
 
 
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                     cos_sin_cache: torch.Tensor) -> None:
+                     cos_sin_cache: torch.Tensor, pdl: bool = False) -> None:
     """Same contract as `rotary_embedding_ref`: one launch rotates q and k of a token together."""
-    _rope(positions, q, k, None, cos_sin_cache, None)
+    _rope(positions, q, k, None, cos_sin_cache, None, pdl)
 
 
 def rotary_embedding_and_store_kv_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -155,7 +159,7 @@ def rotary_embedding_and_store_kv_ref(positions: torch.Tensor, q: torch.Tensor, 
 
 def rotary_embedding_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                  loc: torch.Tensor) -> None:
+                                  loc: torch.Tensor, pdl: bool = False) -> None:
     """Same contract as `rotary_embedding_and_store_kv_ref`, in one launch: the decode step's
     separate RoPE and K/V-store kernels become one per layer."""
     if cos_sin_cache.shape[-1] != k.shape[-1]:
@@ -164,11 +168,11 @@ def rotary_embedding_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: t
         raise ValueError("the KV pool views must be contiguous [num_slots, Hk, D]")
     if v.stride(-1) != 1:
         raise ValueError("v must be contiguous in the head dimension")
-    _rope(positions, q, k, v, cos_sin_cache, (k_cache, v_cache, loc))
+    _rope(positions, q, k, v, cos_sin_cache, (k_cache, v_cache, loc), pdl)
 
 
 def _rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
-          cos_sin_cache: torch.Tensor, store: tuple | None) -> None:
+          cos_sin_cache: torch.Tensor, store: tuple | None, pdl: bool) -> None:
     T = positions.shape[0]
     if T == 0:
         return
@@ -185,7 +189,7 @@ def _rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v_.stride(0), v_.stride(1),
                        NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HALF=half,
                        BLOCK_H=bh, BLOCK_HALF=bhalf, STORE=store is not None,
-                       num_warps=_launch_warps(bh * bhalf))
+                       num_warps=_launch_warps(bh * bhalf), USE_PDL=pdl, launch_pdl=pdl)
 
 
 # ----------------------------------------------------------------------------------------- RMSNorm
@@ -193,10 +197,12 @@ def _rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, x_stride, res_stride, out_stride, eps,
-                    N: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+                    N: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, USE_PDL: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)  # the gain: a weight, readable before the wait
+    pdl_enter(USE_PDL)
     x = tl.load(x_ptr + r * x_stride + offs, mask=mask, other=0.0)
     if HAS_RES:
         # The residual stream is kept in the activation dtype (as HF does), so round the sum
@@ -205,7 +211,6 @@ def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, x_stride, res_stride, out_st
         tl.store(res_ptr + r * res_stride + offs, x, mask=mask)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / N
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     y = (xf * tl.rsqrt(var + eps)).to(x_ptr.dtype.element_ty) * w
     tl.store(out_ptr + r * out_stride + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -230,7 +235,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, pdl: bool = False) -> torch.Tensor:
     """Same contract as `rmsnorm_ref`; x: [..., N] (e.g. [T, H, D] for per-head QK-norm)."""
     x2 = _rows(x)
     out = torch.empty_like(x2)
@@ -238,12 +243,13 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         n = x2.shape[1]
         block = triton.next_power_of_2(n)
         _rmsnorm_kernel[(x2.shape[0],)](x2, x2, weight, out, x2.stride(0), x2.stride(0), out.stride(0), eps,
-                                        N=n, BLOCK=block, HAS_RES=False, num_warps=_launch_warps(block))
+                                        N=n, BLOCK=block, HAS_RES=False, num_warps=_launch_warps(block),
+                                        USE_PDL=pdl, launch_pdl=pdl)
     return out.view(x.shape)
 
 
 def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                      eps: float) -> torch.Tensor:
+                      eps: float, pdl: bool = False) -> torch.Tensor:
     """Same contract as `fused_add_rmsnorm_ref`, one read of x and residual, one launch."""
     x2, r2 = _rows(x), _rows(residual)
     out = torch.empty_like(x2)
@@ -251,7 +257,8 @@ def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
         n = x2.shape[1]
         block = triton.next_power_of_2(n)
         _rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, out, x2.stride(0), r2.stride(0), out.stride(0), eps,
-                                        N=n, BLOCK=block, HAS_RES=True, num_warps=_launch_warps(block))
+                                        N=n, BLOCK=block, HAS_RES=True, num_warps=_launch_warps(block),
+                                        USE_PDL=pdl, launch_pdl=pdl)
     return out.view(x.shape)
 
 
@@ -320,7 +327,8 @@ def gather_kv_indices(page_table: torch.Tensor, slots: torch.Tensor, kv_indptr: 
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, D, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, D, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     r = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
@@ -337,7 +345,7 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """Same contract as `silu_and_mul_ref`: one read of gate and up, one write (torch needs three
     kernels over strided halves)."""
     x2 = _rows(x)
@@ -346,7 +354,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0]:
         block = 1024
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, out, x2.stride(0), out.stride(0), d,
-                                                                    BLOCK=block, num_warps=4)
+                                                                    BLOCK=block, num_warps=4,
+                                                                    USE_PDL=pdl, launch_pdl=pdl)
     return out.view(*x.shape[:-1], d)
 
 

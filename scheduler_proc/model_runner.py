@@ -8,9 +8,9 @@ from typing import Optional
 
 import torch
 
-from kernels import create_attention_backend
+from kernels import create_attention_backend, resolve_backend_name
 from kernels.base import AttentionBatch, AttentionContext, KVCache
-from scheduler_proc.models.layers import enable_gemv
+from scheduler_proc.models.layers import enable_gemv, enable_pdl
 from scheduler_proc.models.loader import ModelSpec, load_model
 from scheduler_proc.page_table import PageTable
 from scheduler_proc.scheduler import ScheduleBatch
@@ -20,6 +20,14 @@ from server.config import ServerConfig
 logger = logging.getLogger(__name__)
 
 CPU_KV_BUDGET_BYTES = 2 << 30  # default KV pool on CPU when --max-total-tokens is not given
+
+
+def _pdl_supported(device: torch.device) -> bool:
+    try:
+        from kernels.pdl import pdl_supported  # noqa: PLC0415 - needs triton
+    except ImportError:
+        return False
+    return pdl_supported(device)
 
 
 class FutureTokens:
@@ -95,12 +103,17 @@ class ModelRunner:
                                 tp_group=tp_group)
         if device.type == "cuda" and not config.disable_triton_gemv:
             logger.info("Triton GEMV for batch-1 products of %d projections", enable_gemv(self.model))
+        backend_kw = {}
+        if device.type == "cuda" and not config.disable_pdl and _pdl_supported(device):
+            logger.info("programmatic dependent launch for the Triton kernels of %d modules", enable_pdl(self.model))
+            if resolve_backend_name(config.attention_backend, device) != "torch":
+                backend_kw["pdl"] = True
         hf = spec.hf_config
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         num_q_heads = hf.num_attention_heads // tp_size
         num_kv_heads = max(1, hf.num_key_value_heads // tp_size)
         self.backend = create_attention_backend(config.attention_backend, num_q_heads, num_kv_heads,
-                                                head_dim, device=device, dtype=dtype)
+                                                head_dim, device=device, dtype=dtype, **backend_kw)
         # Allocated before the KV pool is sized from what memory is left.
         self.page_table = PageTable(config.max_running_requests + 32, -(-spec.max_model_len // self.page_size) + 1,
                                     device)

@@ -42,6 +42,7 @@ class ServerConfig:
     disable_overlap: bool = False
     disable_cuda_graph: bool = False
     disable_triton_gemv: bool = False
+    disable_pdl: bool = False
     cuda_graph_max_bs: Optional[int] = None
     num_threads: Optional[int] = None  # CPU: torch intra-op threads (default: all cores)
     log_level: str = "info"
@@ -86,6 +87,8 @@ _HELP = {
     "disable_cuda_graph": "Run decode eagerly, without CUDA graphs.",
     "disable_triton_gemv": "Batch-1 decode uses cuBLAS for every projection instead of the Triton GEMV "
     "for the large ones.",
+    "disable_pdl": "Launch the Triton kernels without programmatic dependent launch (on Hopper and newer "
+    "each one otherwise starts while the kernel before it finishes).",
     "cuda_graph_max_bs": "Largest decode batch captured in a CUDA graph (default: sized to the GPU).",
     "num_threads": "CPU only: torch threads per scheduler process (default: the cores left after the "
     "other server processes, split across TP ranks; in-process engines use all cores).",

@@ -423,3 +423,114 @@ def test_llama_batch1_gemv_path_matches_cublas():
     for layer in range(L):
         torch.testing.assert_close(runs[True][1].k[layer], runs[False][1].k[layer], atol=0.05, rtol=0.05)
         torch.testing.assert_close(runs[True][1].v[layer], runs[False][1].v[layer], atol=0.05, rtol=0.05)
+
+
+# ------------------------------------------------------------------- programmatic dependent launch
+
+def _needs_pdl():
+    from kernels.pdl import pdl_supported
+    if not pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+
+
+def test_pdl_kernel_chain_equals_plain_launches():
+    """The batch-1 layer's kernels launched back to back with PDL, eagerly and in a CUDA graph,
+    write exactly what plain launches write: each waits for its producer (a chain of dependent
+    kernels whose outputs are reused memory is where a missing wait would show)."""
+    _needs_pdl()
+    from kernels import triton_ops as ops
+    from kernels.triton_attention import decode_attention
+    from kernels.triton_gemv import gemv
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    bf = torch.bfloat16
+    h, inter, hq, hk, d, ps, ctx = 4096, 14336, 32, 8, 128, 16, 300
+    w = lambda n, k: (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).to(bf)  # noqa: E731
+    w_qkv, w_o, w_gu, w_down = w((hq + 2 * hk) * d, h), w(h, hq * d), w(2 * inter, h), w(h, inter)
+    gain = (1 + 0.1 * torch.randn(h, device="cuda", generator=g)).to(bf)
+    cache = ops.rope_cos_sin_cache(4096, d, 500000.0, device="cuda")
+    pages = -(-(ctx + 1) // ps)
+    kv_indices = torch.arange(1, pages + 1, dtype=torch.int32, device="cuda")
+    kv_indptr = torch.tensor([0, pages], dtype=torch.int32, device="cuda")
+    seq_lens = torch.tensor([ctx + 1], dtype=torch.int32, device="cuda")
+    positions = torch.tensor([ctx], device="cuda")
+    loc = positions + ps  # page 1 holds positions 0..15
+    x0 = torch.randn(1, h, device="cuda", generator=g).to(bf)
+    res0 = torch.randn(1, h, device="cuda", generator=g).to(bf)
+    kc0 = torch.randn((pages + 1) * ps, hk, d, device="cuda", generator=g).to(bf)
+    vc0 = torch.randn_like(kc0)
+
+    def layer(x, res, kc, vc, pdl):
+        hid = ops.fused_add_rmsnorm(x, res, gain, 1e-5, pdl)
+        qkv = gemv(hid, w_qkv, pdl)
+        q, k, v = qkv.view(1, -1).split([hq * d, hk * d, hk * d], dim=-1)
+        q = q.view(1, hq, d)
+        ops.rotary_embedding_and_store_kv(positions, q, k.view(1, hk, d), v.view(1, hk, d), cache, kc, vc,
+                                          loc, pdl)
+        attn = decode_attention(q, kc, vc, kv_indptr, kv_indices, seq_lens, ps, d ** -0.5, 64, pdl=pdl)
+        hid = ops.fused_add_rmsnorm(gemv(attn.view(1, -1), w_o, pdl), res, gain, 1e-5, pdl)
+        return gemv(ops.silu_and_mul(gemv(hid, w_gu, pdl), pdl), w_down, pdl)
+
+    def run(pdl, graph):
+        res, kc, vc = res0.clone(), kc0.clone(), vc0.clone()
+        if not graph:
+            return layer(x0, res, kc, vc, pdl), res, kc
+        layer(x0, res.clone(), kc.clone(), vc.clone(), pdl)  # compile and autotune outside the capture
+        torch.cuda.synchronize()
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            out = layer(x0, res, kc, vc, pdl)
+        res.copy_(res0)
+        kc.copy_(kc0)
+        vc.copy_(vc0)
+        cuda_graph.replay()
+        return out, res, kc
+
+    plain = run(False, False)
+    for graph in (False, True):
+        got = run(True, graph)
+        for a, b in zip(got, plain):
+            assert torch.equal(a, b), graph
+
+
+def test_llama_batch1_pdl_graph_equals_plain():
+    """Batch-1 greedy decode on the 8B layer shapes (GEMV path, CUDA graphs): with programmatic
+    dependent launch the logits are bit-identical to plain launches."""
+    _needs_pdl()
+    from kernels.base import AttentionBatch, AttentionContext, KVCache
+    from scheduler_proc.cuda_graph import CudaGraphRunner
+    from scheduler_proc.models.layers import enable_gemv, enable_pdl
+
+    model = _llama_8b_shape(2, "llama3")
+    assert enable_gemv(model) == 9
+    hq, hk, d, L, ps, n = 32, 8, 128, 2, 16, 100
+    g = torch.Generator().manual_seed(13)
+    pages = list(range(1, 2 + (n + 8) // ps))
+    prompt_pages = pages[:-(-n // ps)]
+    ids = torch.randint(0, model.config.vocab_size, (n,), generator=g).cuda()
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device="cuda")  # noqa: E731
+    prefill = AttentionBatch(qo_indptr=i32([0, n]), kv_indptr=i32([0, len(prompt_pages)]),
+                             kv_indices=i32(prompt_pages), seq_lens=i32([n]), prefix_lens=i32([0]),
+                             out_cache_loc=torch.tensor([prompt_pages[p // ps] * ps + p % ps for p in range(n)],
+                                                        device="cuda"),
+                             positions=torch.arange(n, device="cuda"), q_lens_cpu=[n], seq_lens_cpu=[n], page_size=ps)
+    runs = {}
+    for pdl in (False, True):
+        if pdl:
+            # 2 x (2 norms, qkv, o, gate_up, down, act) + final norm + lm_head + rotary
+            assert enable_pdl(model) == 2 * 7 + 3
+        be = make_backend("triton", hq, hk, d, dtype=torch.bfloat16, pdl=pdl)
+        kv = KVCache(L, len(pages) + 1, ps, hk, d, torch.bfloat16, "cuda")
+        with torch.inference_mode():
+            hidden = model(ids, prefill.positions, AttentionContext(be, be.prepare(prefill), kv, prefill))
+            t = model.compute_logits(hidden[-1:]).argmax(-1)
+        runner = CudaGraphRunner(model, be, kv, max_bs=1, dtype=torch.bfloat16, device="cuda",
+                                 max_seq_len=len(pages) * ps)
+        logits = []
+        for step in range(6):
+            batch = _decode_batch({0: pages}, {0: n + step}, ps)
+            out = runner.replay(t, batch.positions, batch).clone()
+            logits.append(out)
+            t = out.argmax(-1)
+        runs[pdl] = torch.cat(logits).cpu()
+    assert torch.equal(runs[True], runs[False])

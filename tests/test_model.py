@@ -317,6 +317,25 @@ def test_unsupported_configs_raise():
         LlamaForCausalLM(LlamaConfig(**TINY), tp_rank=0, tp_size=3)  # 4 heads over 3 ranks
 
 
+def test_enable_pdl_switches_the_kernel_launching_modules():
+    """`enable_pdl` flips the programmatic-dependent-launch switch of every module that launches a
+    Triton kernel on CUDA (norms including Qwen3's QK-norm, projections, activation, RoPE) and of
+    nothing else; the CPU path does not read it, so outputs are unchanged."""
+    from scheduler_proc.models.layers import enable_pdl
+
+    config = _family_configs()["qwen3"]
+    ours = LlamaForCausalLM(config)
+    ours.load_weights(_hf_model(config, seed=3).state_dict().items())
+    ids = torch.randint(0, config.vocab_size, (14,), generator=torch.Generator().manual_seed(2)).tolist()
+    before = _run_tiny(ours, ids)
+    # per layer: 4 norms, qkv, o, gate_up, down, act; then the final norm, lm_head, rotary
+    assert enable_pdl(ours) == config.num_hidden_layers * 9 + 3
+    layer = ours.model.layers[0]
+    assert layer.self_attn.q_norm.pdl and layer.mlp.down_proj.pdl and ours.model.rotary_emb.pdl
+    assert not hasattr(ours.model.embed_tokens, "pdl")
+    assert torch.equal(_run_tiny(ours, ids), before)
+
+
 # ------------------------------------------------------------------------------ tensor parallel
 
 

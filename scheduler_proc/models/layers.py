@@ -65,11 +65,12 @@ def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id: A
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           gemv: bool = False) -> torch.Tensor:
-    """F.linear; with `gemv`, a single row goes to the Triton GEMV (kernels/triton_gemv.py)."""
+           gemv: bool = False, pdl: bool = False) -> torch.Tensor:
+    """F.linear; with `gemv`, a single row goes to the Triton GEMV (kernels/triton_gemv.py),
+    launched with programmatic dependent launch when `pdl`."""
     if gemv and x.dim() == 2 and x.shape[0] == 1:
         from kernels.triton_gemv import gemv as triton_gemv  # noqa: PLC0415 - CUDA only
-        y = triton_gemv(x, weight)
+        y = triton_gemv(x, weight, pdl=pdl)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
 
@@ -83,6 +84,18 @@ def enable_gemv(model: nn.Module) -> int:
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
             module.gemv = gemv_pays(module.weight)
             count += module.gemv
+    return count
+
+
+def enable_pdl(model: nn.Module) -> int:
+    """Launch the Triton kernels of every module that has a `pdl` switch (norms, activation, RoPE,
+    GEMV-routed projections) with programmatic dependent launch (`kernels/pdl.py`); the caller
+    checks that the device supports it. Returns how many modules were switched."""
+    count = 0
+    for module in model.modules():
+        if hasattr(type(module), "pdl"):
+            module.pdl = True
+            count += 1
     return count
 
 
@@ -126,9 +139,10 @@ class ColumnParallelLinear(nn.Module):
             dst.copy_(src)
 
     gemv = False  # batch-1 products through the Triton GEMV (`enable_gemv`)
+    pdl = False  # ... launched with programmatic dependent launch (`enable_pdl`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.gemv)
+        return linear(x, self.weight, self.bias, self.gemv, self.pdl)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -198,9 +212,10 @@ class RowParallelLinear(nn.Module):
             param.copy_(src)
 
     gemv = False  # batch-1 products through the Triton GEMV (`enable_gemv`)
+    pdl = False  # ... launched with programmatic dependent launch (`enable_pdl`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, gemv=self.gemv)
+        y = linear(x, self.weight, gemv=self.gemv, pdl=self.pdl)
         if self.tp_size > 1:
             dist.all_reduce(y, group=self.tp_group)
         if self.bias is not None:
@@ -267,9 +282,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.tied = tied_to is not None
 
     gemv = False  # batch-1 products through the Triton GEMV (`enable_gemv`)
+    pdl = False  # ... launched with programmatic dependent launch (`enable_pdl`)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight, gemv=self.gemv)
+        logits = linear(hidden, self.weight, gemv=self.gemv, pdl=self.pdl)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(parts, logits.contiguous(), group=self.tp_group)
@@ -290,6 +306,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = _set_loader(nn.Parameter(torch.ones(dim), requires_grad=False), default_weight_loader)
 
+    pdl = False  # CUDA kernel launched with programmatic dependent launch (`enable_pdl`)
+
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         xf = x.float()
@@ -300,9 +318,9 @@ class RMSNorm(nn.Module):
         ops = cuda_fused_ops() if x.is_cuda else None
         if ops is not None:
             if residual is None:
-                return ops.rmsnorm(x, self.weight, self.eps)
+                return ops.rmsnorm(x, self.weight, self.eps, self.pdl)
             # one kernel: residual += x in place (the caller hands its residual stream over)
-            return ops.fused_add_rmsnorm(x, residual, self.weight, self.eps), residual
+            return ops.fused_add_rmsnorm(x, residual, self.weight, self.eps, self.pdl), residual
         if residual is None:
             return self._norm(x)
         x = x + residual
@@ -312,10 +330,12 @@ class RMSNorm(nn.Module):
 class SiluAndMul(nn.Module):
     """silu(gate) * up for x = [gate | up] along the last dimension."""
 
+    pdl = False  # CUDA kernel launched with programmatic dependent launch (`enable_pdl`)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = cuda_fused_ops() if x.is_cuda else None
         if ops is not None:
-            return ops.silu_and_mul(x)
+            return ops.silu_and_mul(x, self.pdl)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
 
@@ -323,4 +343,5 @@ class SiluAndMul(nn.Module):
 __all__ = [
     "ColumnParallelLinear", "QKVParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
     "ParallelLMHead", "RMSNorm", "SiluAndMul", "ShardingError", "default_weight_loader", "cuda_fused_ops",
+    "enable_gemv", "enable_pdl",
 ]

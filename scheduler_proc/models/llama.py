@@ -98,6 +98,8 @@ class RotaryEmbedding(nn.Module):
         self.half = freqs.shape[-1]
         self.register_buffer("cos_sin_cache", cache.to(torch.get_default_device()), persistent=False)
 
+    pdl = False  # CUDA kernels launched with programmatic dependent launch (`layers.enable_pdl`)
+
     def step(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeStep:
         if positions.is_cuda and cuda_fused_ops() is not None:
             return RopeStep(positions, None, None)
@@ -112,11 +114,11 @@ class RotaryEmbedding(nn.Module):
                            k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor) -> None:
         """Rotate q in place and write rotated k and v into the flat KV-pool views at slots `loc`."""
         cuda_fused_ops().rotary_embedding_and_store_kv(step.positions, q, k, v, self.cos_sin_cache,
-                                                       k_cache, v_cache, loc)
+                                                       k_cache, v_cache, loc, self.pdl)
 
     def apply(self, q: torch.Tensor, k: torch.Tensor, step: RopeStep) -> tuple[torch.Tensor, torch.Tensor]:
         if step.cos is None:
-            cuda_fused_ops().rotary_embedding(step.positions, q, k, self.cos_sin_cache)
+            cuda_fused_ops().rotary_embedding(step.positions, q, k, self.cos_sin_cache, self.pdl)
             return q, k
         return _rotate(q, step.cos, step.sin), _rotate(k, step.cos, step.sin)
 
