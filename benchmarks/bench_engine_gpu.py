@@ -40,6 +40,8 @@ VARIANTS = {
     "no-gemv": {"disable_triton_gemv": True},
     "triton-attn": {"attention_backend": "triton"},
     "no-pdl": {"disable_pdl": True},
+    "page-16": {"page_size": 16},
+    "running-384": {"max_running_requests": 384},
 }
 
 
@@ -114,11 +116,13 @@ def main() -> None:
         torch.backends.cuda.preferred_blas_library(args.blas)
     results = {}
     for variant in args.variants:
-        settings = {"attention_backend": args.attention_backend, **VARIANTS[variant]}
+        settings = {"attention_backend": args.attention_backend, "page_size": args.page_size,
+                    "max_running_requests": args.max_running_requests, "chunked_prefill_size": 8192,
+                    **VARIANTS[variant]}
+        settings.setdefault("cuda_graph_max_bs",
+                            args.cuda_graph_max_bs or min(settings["max_running_requests"], 512))
         cfg = ServerConfig(model=args.model, tokenizer=args.tokenizer, load_format="dummy", device="cuda",
-                           page_size=args.page_size, max_running_requests=args.max_running_requests,
-                           cuda_graph_max_bs=args.cuda_graph_max_bs or min(args.max_running_requests, 512),
-                           chunked_prefill_size=8192, **settings)
+                           **settings)
         t0 = time.perf_counter()
         engine = Engine(cfg)
         print(f"[{variant}] engine ready in {time.perf_counter() - t0:.1f} s, "
