@@ -384,26 +384,35 @@ def test_llama_model_backends_and_graphs(rope):
         assert torch.equal(first_logits[a].argmax(-1), first_logits[names[0]].argmax(-1)), a
 
 
-def test_llama_batch1_gemv_path_matches_cublas():
-    """Batch-1 decode on the 8B layer shapes through the Triton GEMVs against the same weights on
-    cuBLAS: teacher-forced over 4 steps, logits agree within bf16 noise and the pools hold the
-    same K/V (both write them with the fused RoPE + store kernel)."""
-    from kernels.base import AttentionBatch, AttentionContext, KVCache
-    from scheduler_proc.models.layers import enable_gemv
+def _one_prompt_prefill(n: int, ps: int):
+    """One n-token prompt on pages 1, 2, ... with room for 8 more tokens: (the sequence's pages,
+    the prefill batch of the prompt)."""
+    from kernels.base import AttentionBatch
 
-    model = _llama_8b_shape(2, "default")
-    hq, hk, d, L, ps, n = 32, 8, 128, 2, 16, 100
-    g = torch.Generator().manual_seed(9)
     pages = list(range(1, 2 + (n + 8) // ps))
     prompt_pages = pages[:-(-n // ps)]
-    ids = torch.randint(0, model.config.vocab_size, (n,), generator=g).cuda()
-    forced = torch.randint(0, model.config.vocab_size, (4,), generator=g).cuda()
     i32 = lambda x: torch.tensor(x, dtype=torch.int32, device="cuda")  # noqa: E731
     prefill = AttentionBatch(qo_indptr=i32([0, n]), kv_indptr=i32([0, len(prompt_pages)]),
                              kv_indices=i32(prompt_pages), seq_lens=i32([n]), prefix_lens=i32([0]),
                              out_cache_loc=torch.tensor([prompt_pages[p // ps] * ps + p % ps for p in range(n)],
                                                         device="cuda"),
                              positions=torch.arange(n, device="cuda"), q_lens_cpu=[n], seq_lens_cpu=[n], page_size=ps)
+    return pages, prefill
+
+
+def test_llama_batch1_gemv_path_matches_cublas():
+    """Batch-1 decode on the 8B layer shapes through the Triton GEMVs against the same weights on
+    cuBLAS: teacher-forced over 4 steps, logits agree within bf16 noise and the pools hold the
+    same K/V (both write them with the fused RoPE + store kernel)."""
+    from kernels.base import AttentionContext, KVCache
+    from scheduler_proc.models.layers import enable_gemv
+
+    model = _llama_8b_shape(2, "default")
+    hq, hk, d, L, ps, n = 32, 8, 128, 2, 16, 100
+    g = torch.Generator().manual_seed(9)
+    pages, prefill = _one_prompt_prefill(n, ps)
+    ids = torch.randint(0, model.config.vocab_size, (n,), generator=g).cuda()
+    forced = torch.randint(0, model.config.vocab_size, (4,), generator=g).cuda()
     runs = {}
     for gemv in (False, True):
         if gemv:
@@ -497,7 +506,7 @@ def test_llama_batch1_pdl_graph_equals_plain():
     """Batch-1 greedy decode on the 8B layer shapes (GEMV path, CUDA graphs): with programmatic
     dependent launch the logits are bit-identical to plain launches."""
     _needs_pdl()
-    from kernels.base import AttentionBatch, AttentionContext, KVCache
+    from kernels.base import AttentionContext, KVCache
     from scheduler_proc.cuda_graph import CudaGraphRunner
     from scheduler_proc.models.layers import enable_gemv, enable_pdl
 
@@ -505,15 +514,8 @@ def test_llama_batch1_pdl_graph_equals_plain():
     assert enable_gemv(model) == 9
     hq, hk, d, L, ps, n = 32, 8, 128, 2, 16, 100
     g = torch.Generator().manual_seed(13)
-    pages = list(range(1, 2 + (n + 8) // ps))
-    prompt_pages = pages[:-(-n // ps)]
+    pages, prefill = _one_prompt_prefill(n, ps)
     ids = torch.randint(0, model.config.vocab_size, (n,), generator=g).cuda()
-    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device="cuda")  # noqa: E731
-    prefill = AttentionBatch(qo_indptr=i32([0, n]), kv_indptr=i32([0, len(prompt_pages)]),
-                             kv_indices=i32(prompt_pages), seq_lens=i32([n]), prefix_lens=i32([0]),
-                             out_cache_loc=torch.tensor([prompt_pages[p // ps] * ps + p % ps for p in range(n)],
-                                                        device="cuda"),
-                             positions=torch.arange(n, device="cuda"), q_lens_cpu=[n], seq_lens_cpu=[n], page_size=ps)
     runs = {}
     for pdl in (False, True):
         if pdl:
