@@ -97,7 +97,8 @@ class Engine:
         token_budget = config.chunked_prefill_size or (8192 if self.device.type == "cuda" else 2048)
         self.scheduler = Scheduler(self.cache, self.allocator, self.page_size, token_budget,
                                    config.max_running_requests,
-                                   cache_unfinished=not config.disable_radix_cache)
+                                   cache_unfinished=not config.disable_radix_cache,
+                                   schedule_conservativeness=config.schedule_conservativeness)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, self.device)
         self.tp_group = tp_group
         self._grammar: Optional[GrammarBackend] = None  # built at the first grammar request

@@ -2,9 +2,12 @@
 
 Each step builds one batch: every running decode (one token each), then prompt chunks of
 partially prefilled requests, then newly admitted requests, under a token budget
-(`chunked_prefill_size`). Admission reserves only the prompt's pages, never `max_tokens`; when the
-pool runs dry during decode, the newest decodes are retracted: their computed KV goes to the
-prefix cache (so resuming recomputes little) and they rejoin the waiting queue in arrival order.
+(`chunked_prefill_size`). Pages are allocated as tokens are computed, never for `max_tokens` up
+front; admission only checks that the pool can hold the new prompt next to what the running
+requests are expected to still decode (`OutputEstimate`: the share of `max_tokens` finished
+requests actually used). When that estimate proves low and the pool runs dry during decode, the
+newest decodes are retracted: their computed KV goes to the prefix cache (so resuming recomputes
+little) and they rejoin the waiting queue in arrival order.
 Everything is ordered by arrival, so the batch a step builds is a pure function of the state
 (tensor-parallel ranks that see the same requests build the same batches). The one exception to
 arrival order: a waiting request whose prompt another running request is prefilling right now
@@ -14,11 +17,47 @@ waits until that prompt is in the prefix cache (`_defer`), so n identical prompt
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 from radix_cache.base import BasePageAllocator, BasePrefixCache
 from scheduler_proc.request import Req
+
+
+@dataclass
+class OutputEstimate:
+    """The share of its remaining output budget a running request is expected to still generate.
+
+    `reserve(remaining)` is how many tokens of KV admission sets aside for a request that may still
+    generate `remaining` tokens: that many times the share finished requests actually used of
+    theirs (budgets clipped at `clip_tokens`, so a request without `max_tokens` does not claim the
+    whole context). The share starts at 1 (reserve all of it: nothing is retracted while no request
+    has finished), follows finished requests (exponential moving average over roughly the last
+    `1 / smoothing` of them, never below `min_ratio`), and moves halfway back to 1 at every
+    retraction, which shows it ran low. `conservativeness` scales it (0: reserve nothing, admit on
+    prompt pages alone). Pure arithmetic on what the scheduler saw, so every TP rank agrees.
+    """
+
+    conservativeness: float = 1.0
+    ratio: float = 1.0
+    min_ratio: float = 0.1
+    smoothing: float = 1 / 16
+    clip_tokens: int = 4096
+
+    def reserve(self, remaining: int) -> int:
+        share = min(1.0, self.ratio * self.conservativeness)
+        return math.ceil(min(max(remaining, 0), self.clip_tokens) * share)
+
+    def observe_finish(self, generated: int, budget: int) -> None:
+        budget = min(budget, self.clip_tokens)
+        if budget <= 0:
+            return
+        used = min(1.0, generated / budget)
+        self.ratio = max(self.min_ratio, self.ratio + self.smoothing * (used - self.ratio))
+
+    def observe_retraction(self) -> None:
+        self.ratio += (1.0 - self.ratio) / 2
 
 
 class NeedsSync(Exception):
@@ -50,13 +89,15 @@ class ScheduleBatch:
 
 class Scheduler:
     def __init__(self, cache: BasePrefixCache, allocator: BasePageAllocator, page_size: int,
-                 chunked_prefill_size: int, max_running_requests: int, cache_unfinished: bool = True):
+                 chunked_prefill_size: int, max_running_requests: int, cache_unfinished: bool = True,
+                 schedule_conservativeness: float = 1.0):
         self.cache = cache
         self.allocator = allocator
         self.page_size = page_size
         self.token_budget = chunked_prefill_size
         self.max_running = max_running_requests
         self.cache_unfinished = cache_unfinished
+        self.output_estimate = OutputEstimate(conservativeness=schedule_conservativeness)
         self.waiting: list[Req] = []  # sorted by arrival
         self.running: list[Req] = []  # admitted, sorted by arrival
         self.num_retractions = 0
@@ -71,6 +112,8 @@ class Scheduler:
 
     def remove(self, req: Req) -> None:
         """Drop a request wherever it is (abort or finish) and release its KV."""
+        if req.finish_reason in ("stop", "length"):
+            self.output_estimate.observe_finish(len(req.output_ids), req.max_new_tokens)
         if req in self.running:
             self.running.remove(req)
             self._release(req)
@@ -181,11 +224,19 @@ class Scheduler:
         match = self.cache.match_prefix(req.all_ids[:reusable])
         self.cache.lock(match.node)
         if self.running:
-            # Admit only what can finish its prompt next to the prompts already admitted, with a
-            # page of headroom per running request so admissions do not starve their decodes.
-            needed = -(-req.seq_len // self.page_size) - len(match.pages)
-            reserved = sum(self._pages_needed(r, r.seq_len - r.num_computed)
-                           for r in self.running if not (r.finished or r.is_decoding))
+            # Admit only what can finish its prompt and its expected output next to the running
+            # requests' remaining prompts and expected outputs, with a page of headroom per running
+            # request so admissions do not starve their decodes.
+            expected = self.output_estimate.reserve
+            needed = -(-(req.seq_len + expected(req.max_new_tokens - len(req.output_ids))) // self.page_size)
+            needed -= len(match.pages)
+            reserved_tokens = 0
+            for r in self.running:
+                if not r.finished:
+                    reserved_tokens += expected(r.max_new_tokens - len(r.output_ids))
+                    if not r.is_decoding:
+                        reserved_tokens += r.seq_len - r.num_computed
+            reserved = -(-reserved_tokens // self.page_size)
             available = self.allocator.num_free + self.cache.num_evictable_pages
             if available - reserved - needed < len(self.running):
                 self.cache.unlock(match.node)
@@ -237,6 +288,7 @@ class Scheduler:
         self._release(req)
         req.num_retractions += 1
         self.num_retractions += 1
+        self.output_estimate.observe_retraction()
         self._enqueue(req)
 
     def cache_prefix(self, req: Req) -> None:

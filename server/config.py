@@ -35,6 +35,7 @@ class ServerConfig:
     page_size: int = 1
     chunked_prefill_size: Optional[int] = None  # default: 8192 on CUDA, 2048 on CPU
     max_running_requests: int = 256
+    schedule_conservativeness: float = 1.0
     max_total_tokens: Optional[int] = None
     mem_fraction_static: float = 0.85
     attention_backend: str = "auto"  # auto | flashinfer | triton | torch
@@ -78,7 +79,12 @@ _HELP = {
     "page_size": "Tokens per KV page.",
     "chunked_prefill_size": "Token budget of one step; longer prompts are prefilled in chunks "
     "(default: 8192 on a GPU, where it keeps the prefill GEMMs efficient; 2048 on CPU).",
-    "max_running_requests": "Most requests decoding at once.",
+    "max_running_requests": "Most requests running at once (fewer when the KV pool cannot also hold their "
+    "expected output).",
+    "schedule_conservativeness": "Scales the KV admission sets aside for running requests' expected "
+    "output (the share of max_tokens finished requests used). Lower admits more requests at the risk of "
+    "retracting some when the pool runs dry; raise it if requests are retracted often; 0 reserves "
+    "prompt pages only.",
     "max_total_tokens": "KV pool size in tokens (default: from --mem-fraction-static).",
     "mem_fraction_static": "Fraction of device memory for weights plus KV pool.",
     "attention_backend": "auto, flashinfer, triton or torch.",
@@ -129,6 +135,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ServerConfig:
     chunk = cfg.chunked_prefill_size
     if cfg.page_size < 1 or (chunk is not None and chunk < 1) or cfg.max_running_requests < 1:
         raise SystemExit("--page-size, --chunked-prefill-size and --max-running-requests must be >= 1")
+    if not cfg.schedule_conservativeness >= 0:
+        raise SystemExit("--schedule-conservativeness must be >= 0")
     return cfg
 
 

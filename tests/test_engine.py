@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from scheduler_proc.engine import Engine, EngineError
+from scheduler_proc.scheduler import OutputEstimate
 from scheduler_proc.models.embedded import ensure_embedded_model
 from server.bench.tokenizer import chat_token_ids
-from server.config import ServerConfig
+from server.config import ServerConfig, parse_args
 from server.ipc import SamplingParams, TokenizedRequest
 
 MAX_NEW = 24
@@ -100,9 +101,10 @@ def test_chunked_prefill_matches_hf(hf_reference):
 
 def test_tiny_pool_retracts_and_evicts_but_matches_hf(hf_reference):
     prompts, refs = hf_reference
-    # Room for the longest prompt and its output, not for all of them at once.
+    # Room for the longest prompt and its output, not for all of them at once; admission on prompt
+    # pages alone (conservativeness 0) overcommits the pool, so decodes must be retracted.
     longest = max(len(p) for p in prompts) + MAX_NEW
-    eng = _engine(max_total_tokens=longest + 1, chunked_prefill_size=256)
+    eng = _engine(max_total_tokens=longest + 1, chunked_prefill_size=256, schedule_conservativeness=0.0)
     outs = eng.generate(prompts, GREEDY)
     _same(outs, refs)
     assert eng.scheduler.num_retractions > 0
@@ -110,6 +112,71 @@ def test_tiny_pool_retracts_and_evicts_but_matches_hf(hf_reference):
     eng.check_no_leaks()
     assert eng.flush_cache()
     assert eng.allocator.num_free == eng.runner.num_pages - 1
+
+
+def test_tiny_pool_admission_reserving_outputs_never_retracts(hf_reference):
+    prompts, refs = hf_reference
+    longest = max(len(p) for p in prompts) + MAX_NEW
+    eng = _engine(max_total_tokens=longest + 1, chunked_prefill_size=256)
+    _same(eng.generate(prompts, GREEDY), refs)
+    assert eng.scheduler.num_retractions == 0
+    eng.check_no_leaks()
+
+
+def test_output_estimate_learns_from_finished_requests_and_retractions():
+    est = OutputEstimate()
+    assert est.reserve(100) == 100  # nothing finished yet: reserve every token max_tokens allows
+    assert est.reserve(100_000) == est.clip_tokens
+    assert est.reserve(-3) == 0
+    for _ in range(200):  # requests stop after a tenth of their max_tokens (or of the clip)
+        est.observe_finish(10, 100)
+        est.observe_finish(409, 1_000_000)
+    assert est.ratio == pytest.approx(0.1, abs=1e-3)
+    assert est.reserve(100) == 10
+    est.observe_finish(0, 0)  # a request with no output budget says nothing
+    assert est.ratio == pytest.approx(0.1, abs=1e-3)
+    for _ in range(3):
+        est.observe_finish(0, 50)
+    assert est.ratio == est.min_ratio
+    est.observe_retraction()  # the estimate ran low: halfway back to reserving everything
+    assert est.ratio == pytest.approx(0.55)
+    assert OutputEstimate(conservativeness=0.0).reserve(100) == 0
+    assert OutputEstimate(conservativeness=3.0, ratio=0.5).reserve(100) == 100
+
+
+def test_scheduling_flags():
+    cfg = parse_args(["--schedule-conservativeness", "0.5", "--max-running-requests", "8"])
+    assert (cfg.schedule_conservativeness, cfg.max_running_requests) == (0.5, 8)
+    assert parse_args([]).schedule_conservativeness == 1.0
+    for bad in (["--schedule-conservativeness", "-1"], ["--schedule-conservativeness", "nan"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_early_stopping_requests_let_admission_run_more_at_once():
+    """Requests that stop well before max_tokens teach admission to set aside less for the rest;
+    when the next ones run longer after all, retraction catches it and the estimate rises."""
+    eng = _engine(max_total_tokens=600, chunked_prefill_size=512, max_running_requests=64)
+    stop_at_once = SamplingParams(max_new_tokens=60, temperature=0.0, stop_token_ids=list(range(eng.vocab_size)))
+    prompt = list(range(300, 316))
+    estimate = eng.scheduler.output_estimate
+    assert estimate.reserve(60) == 60
+    eng.generate([[t + i for t in prompt] for i in range(40)], stop_at_once)
+    assert estimate.reserve(60) <= 6
+    run_long = SamplingParams(max_new_tokens=60, temperature=0.0, ignore_eos=True)
+    for i in range(12):
+        eng.add_request(TokenizedRequest(rid=f"r{i}", input_ids=[t + 100 + i for t in prompt], params=run_long))
+    eng.step()
+    # Reserving all 60 output tokens, 600 tokens admit 7 of these; the learned share admits all 12.
+    assert len(eng.scheduler.running) == 12
+    ratio = estimate.ratio
+    done = []
+    while eng.has_work():
+        done += [o for o in eng.step() if o.finish_reason]
+    assert sorted(o.rid for o in done) == sorted(f"r{i}" for i in range(12))
+    assert all(o.finish_reason == "length" for o in done)
+    assert eng.scheduler.num_retractions > 0 and estimate.ratio > ratio
+    eng.check_no_leaks()
 
 
 def test_repeated_prompt_computes_only_the_suffix(engine, hf_reference):
