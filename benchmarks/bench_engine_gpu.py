@@ -6,7 +6,8 @@ Scenarios (random prompt token ids, EOS ignored so lengths are exact):
   b1:            1 request, 128 in / 256 out: decode ms per output token (after the first token)
   b64:           64 requests at once, 512 in / 256 out: output tokens/s
   NxIxO:         N requests at once, I in / O out: output tokens/s
-Variants: default (overlap + CUDA graphs + Triton GEMV at batch 1), no-overlap, no-graph, no-gemv.
+Variants: default (overlap + CUDA graphs + Triton GEMV at batch 1), no-overlap, no-graph, no-gemv,
+and the others in VARIANTS; `a+b` combines two (b's settings win where both set one).
 Prints one table; also checks that greedy tokens are identical across variants for the first
 requests of each scenario. `prefill s` runs until the last request has its first token (decodes
 of earlier requests run inside it); `decode tok/s` is the output rate after that. `idle %` is the
@@ -42,6 +43,10 @@ VARIANTS = {
     "no-pdl": {"disable_pdl": True},
     "page-16": {"page_size": 16},
     "running-384": {"max_running_requests": 384},
+    "running-256": {"max_running_requests": 256},
+    "running-1024": {"max_running_requests": 1024},
+    "chunk-16k": {"chunked_prefill_size": 16384},
+    "reserve-prompt-only": {"schedule_conservativeness": 0.0},
 }
 
 
@@ -104,7 +109,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--page-size", type=int, default=1)
-    ap.add_argument("--max-running-requests", type=int, default=256)
+    ap.add_argument("--max-running-requests", type=int, default=ServerConfig.max_running_requests)
     ap.add_argument("--cuda-graph-max-bs", type=int, default=None)
     ap.add_argument("--blas", choices=["cublas", "cublaslt"], default=None,
                     help="torch's preferred BLAS library for the GEMMs (default: torch's choice)")
@@ -112,13 +117,17 @@ def main() -> None:
     ap.add_argument("--cprofile", type=int, default=0, metavar="N",
                     help="print the N host functions with the most own time per default-variant scenario")
     args = ap.parse_args()
+    unknown = {part for v in args.variants for part in v.split("+")} - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     if args.blas:
         torch.backends.cuda.preferred_blas_library(args.blas)
     results = {}
     for variant in args.variants:
         settings = {"attention_backend": args.attention_backend, "page_size": args.page_size,
-                    "max_running_requests": args.max_running_requests, "chunked_prefill_size": 8192,
-                    **VARIANTS[variant]}
+                    "max_running_requests": args.max_running_requests, "chunked_prefill_size": 8192}
+        for part in variant.split("+"):
+            settings.update(VARIANTS[part])
         settings.setdefault("cuda_graph_max_bs",
                             args.cuda_graph_max_bs or min(settings["max_running_requests"], 512))
         cfg = ServerConfig(model=args.model, tokenizer=args.tokenizer, load_format="dummy", device="cuda",

@@ -1,7 +1,7 @@
 """The step composition the scheduler produces for a load, run on the CPU with a tiny model.
 
     python benchmarks/simulate_schedule.py [--num-prompts 1000] [--input-len 1024] [--output-len 128]
-        [--max-running-requests 256] [--chunked-prefill-size 8192] [--max-total-tokens 828909]
+        [--max-running-requests 1024] [--chunked-prefill-size 8192] [--max-total-tokens 828909]
 
 The real engine (scheduler, prefix cache, page allocator) runs `configs/tiny-llama.json` with
 dummy weights, so a GPU benchmark's schedule can be studied without a GPU: how many steps carry a
@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=1000)
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--max-running-requests", type=int, default=256)
+    ap.add_argument("--max-running-requests", type=int, default=ServerConfig.max_running_requests)
     ap.add_argument("--chunked-prefill-size", type=int, default=8192)
     ap.add_argument("--max-total-tokens", type=int, default=828909,
                     help="KV capacity (default: the H200's pool for the Llama-3.1-8B shape)")

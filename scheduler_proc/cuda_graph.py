@@ -49,10 +49,10 @@ def graph_batch_sizes(max_bs: int) -> list[int]:
 
 
 def default_cuda_graph_max_bs(device: torch.device | str) -> int:
-    """Sized to the GPU: 256 on 80+ GB cards (H100/H200), less where memory is scarcer."""
+    """Sized to the GPU: 512 on 80+ GB cards (H100/H200), less where memory is scarcer."""
     total_gib = torch.cuda.get_device_properties(torch.device(device)).total_memory / (1 << 30)
     if total_gib >= 70:
-        return 256
+        return 512
     if total_gib >= 35:
         return 160
     return 64

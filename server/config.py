@@ -34,7 +34,7 @@ class ServerConfig:
     tp_size: int = 1
     page_size: int = 1
     chunked_prefill_size: Optional[int] = None  # default: 8192 on CUDA, 2048 on CPU
-    max_running_requests: int = 256
+    max_running_requests: int = 1024
     schedule_conservativeness: float = 1.0
     max_total_tokens: Optional[int] = None
     mem_fraction_static: float = 0.85
