@@ -1,6 +1,6 @@
 """GPU kernel micro-benchmarks: attention backends, fused Triton ops vs torch, CUDA graph gain.
 
-    python benchmarks/bench_kernels.py [--json out.json] [--quick]
+    python benchmarks/bench_kernels.py [--json out.json] [--quick] [--decode-shapes 384x1536 ...]
 
 Attention runs one layer of the Llama-3.1-8B shape (32 q heads, 8 kv heads, head dim 128, bf16)
 over the paged pool; decode reports achieved KV bandwidth (bytes of K and V read / time),
@@ -72,7 +72,7 @@ def graph_time_us(fn, calls: int = 20, reps: int = 10) -> float:
     return times[len(times) // 2]
 
 
-def attention_rows(backends: list[str], quick: bool) -> list[dict]:
+def attention_rows(backends: list[str], quick: bool, decode_shapes: list[tuple[int, int]]) -> list[dict]:
     hq, hk, d, dt = 32, 8, 128, torch.bfloat16
     kv_bytes_per_token = 2 * hk * d * 2
     cases = [("decode", 16, [1] * 1, [4096]), ("decode", 16, [1] * 64, [2048] * 64),
@@ -81,6 +81,8 @@ def attention_rows(backends: list[str], quick: bool) -> list[dict]:
              ("mixed", 16, [1] * 63 + [1024], [2048] * 63 + [1024])]
     if quick:
         cases = cases[:2] + cases[4:5]
+    if decode_shapes:
+        cases = [("decode", ps, [1] * B, [ctx] * B) for B, ctx in decode_shapes for ps in (1, 16)]
     rows = []
     for kind, ps, q_lens, prefix in cases:
         case = make_paged_case(q_lens, prefix, num_q_heads=hq, num_kv_heads=hk, head_dim=d, page_size=ps,
@@ -144,26 +146,28 @@ def triton_decode_sweep() -> list[dict]:
     return rows
 
 
-def flashinfer_decode_variants() -> list[dict]:
+def flashinfer_decode_variants(decode_shapes: list[tuple[int, int]]) -> list[dict]:
     """FlashInfer decode run() alone: tensor-core vs CUDA-core kernels."""
     import flashinfer
     rows = []
     ws = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
-    for B, ctx in ((1, 4096), (64, 2048), (128, 4096)):
-        case = make_paged_case([1] * B, [ctx] * B, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16,
+    cases = [(B, ctx, ps) for B, ctx in decode_shapes for ps in (1, 16)] if decode_shapes else \
+        [(1, 4096, 16), (64, 2048, 16), (128, 4096, 16)]
+    for B, ctx, ps in cases:
+        case = make_paged_case([1] * B, [ctx] * B, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=ps,
                                dtype=torch.bfloat16, device="cuda", spare_pages=1)
         b = case.batch
         kv_bytes = sum(b.seq_lens_cpu) * 2 * 8 * 128 * 2
-        last = torch.tensor([(s - 1) % 16 + 1 for s in b.seq_lens_cpu], dtype=torch.int32)
+        last = torch.tensor([(s - 1) % ps + 1 for s in b.seq_lens_cpu], dtype=torch.int32)
         for tc in (True, False):
             w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
-            w.plan(b.kv_indptr.cpu(), b.kv_indices, last, 32, 8, 128, 16, q_data_type=torch.bfloat16,
+            w.plan(b.kv_indptr.cpu(), b.kv_indices, last, 32, 8, 128, ps, q_data_type=torch.bfloat16,
                    kv_data_type=torch.bfloat16)
             kvc = (case.kv_cache.k[0], case.kv_cache.v[0])
             ms = time_ms(lambda: w.run(case.q, kvc))
             us = graph_time_us(lambda: w.run(case.q, kvc), calls=10, reps=5)
-            rows.append(dict(batch=B, ctx=ctx, tensor_cores=tc, eager_ms=round(ms, 4), graph_us=round(us, 1),
-                             kv_GBps=round(kv_bytes / us / 1e3, 1)))
+            rows.append(dict(batch=B, ctx=ctx, page_size=ps, tensor_cores=tc, eager_ms=round(ms, 4),
+                             graph_us=round(us, 1), kv_GBps=round(kv_bytes / us / 1e3, 1)))
             print(rows[-1], flush=True)
         torch.cuda.empty_cache()
     return rows
@@ -264,7 +268,10 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip", default="", help="comma list of: attention,sweep,fi,ops,graph")
+    ap.add_argument("--decode-shapes", nargs="*", default=[], metavar="BxCTX",
+                    help="attention and FlashInfer decode only at these batch x context shapes, page sizes 1 and 16")
     args = ap.parse_args()
+    decode_shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.decode_shapes]
     skip = set(filter(None, args.skip.split(",")))
     backends = ["torch", "triton"] + (["flashinfer"] if importlib.util.find_spec("flashinfer") else [])
     info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
@@ -274,11 +281,11 @@ def main() -> None:
     print(info, flush=True)
     result = dict(info=info)
     if "attention" not in skip:
-        result["attention"] = attention_rows(backends, args.quick)
+        result["attention"] = attention_rows(backends, args.quick, decode_shapes)
     if "sweep" not in skip:
         result["triton_decode_sweep"] = triton_decode_sweep()
     if "fi" not in skip and "flashinfer" in backends:
-        result["flashinfer_decode"] = flashinfer_decode_variants()
+        result["flashinfer_decode"] = flashinfer_decode_variants(decode_shapes)
     if "ops" not in skip:
         result["ops"] = op_rows()
     if "graph" not in skip:

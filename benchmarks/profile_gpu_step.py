@@ -3,9 +3,10 @@
     python benchmarks/profile_gpu_step.py --tokenizer DIR [--model configs/llama-3.1-8b.json]
         [--batches 1 64] [--context 512] [--steps 20] [--disable-cuda-graph] [--attention-backend triton]
 
-For each batch size, `--batches` requests of `--context` random tokens are prefilled, then
-`--steps` decode steps run under torch.profiler (kernels inside CUDA graphs are traced too). Prints
-per-step device time of the top kernels and the sum, next to the wall time per step.
+For each batch size, `--batches` requests of `--context` random tokens are prefilled (however many
+steps that takes), then `--steps` warm-up decode steps run, then `--steps` decode steps under
+torch.profiler (kernels inside CUDA graphs are traced too). Prints per-step device time of the top
+kernels and the sum, next to the wall time per step.
 """
 
 from __future__ import annotations
@@ -37,18 +38,27 @@ def main() -> None:
                     help="prefill: profile the first --steps steps (the prompts' chunks) instead")
     args = ap.parse_args()
     cfg = ServerConfig(model=args.model, tokenizer=args.tokenizer, load_format="dummy", device="cuda",
-                       max_running_requests=256, chunked_prefill_size=8192,
+                       max_running_requests=max(256, *args.batches), chunked_prefill_size=8192,
                        disable_cuda_graph=args.disable_cuda_graph, attention_backend=args.attention_backend,
                        disable_pdl=args.disable_pdl)
     engine = Engine(cfg)
     rng = random.Random(0)
     for bs in args.batches:
-        params = SamplingParams(max_new_tokens=args.steps * 3 + 8, temperature=0.0, ignore_eos=True)
+        # Enough output for the first requests to still be decoding after the last prompt's chunks.
+        prompt_steps = -(-bs * args.context // cfg.chunked_prefill_size)
+        params = SamplingParams(max_new_tokens=prompt_steps + args.steps * 2 + 16, temperature=0.0, ignore_eos=True)
         for i in range(bs):
             ids = [rng.randrange(100, engine.vocab_size - 100) for _ in range(args.context)]
             engine.add_request(TokenizedRequest(rid=f"b{bs}-{i}", input_ids=ids, params=params, stream=True))
         if args.phase == "decode":
-            for _ in range(args.steps):  # prefill and warm-up decode steps
+            scheduler = engine.scheduler
+            for _ in range(prompt_steps + 8):  # the prompts' steps
+                if not scheduler.waiting and all(r.is_decoding for r in scheduler.running):
+                    break
+                engine.step()
+            else:
+                raise SystemExit(f"batch {bs}: the prompts were not all prefilled after {prompt_steps + 8} steps")
+            for _ in range(args.steps):  # warm-up decode steps
                 engine.step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
