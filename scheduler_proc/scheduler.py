@@ -32,8 +32,8 @@ class OutputEstimate:
     `reserve(remaining)` is how many tokens of KV admission sets aside for a request that may still
     generate `remaining` tokens: that many times the share finished requests actually used of
     theirs (budgets clipped at `clip_tokens`, so a request without `max_tokens` does not claim the
-    whole context). The share starts at 1 (reserve all of it: nothing is retracted while no request
-    has finished), follows finished requests (exponential moving average over roughly the last
+    whole context). The share starts at 1 (until requests finish, each is assumed to use its whole
+    budget), follows finished requests (exponential moving average over roughly the last
     `1 / smoothing` of them, never below `min_ratio`), and moves halfway back to 1 at every
     retraction, which shows it ran low. `conservativeness` scales it (0: reserve nothing, admit on
     prompt pages alone). Pure arithmetic on what the scheduler saw, so every TP rank agrees.
