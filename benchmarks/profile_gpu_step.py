@@ -52,12 +52,13 @@ def main() -> None:
             engine.add_request(TokenizedRequest(rid=f"b{bs}-{i}", input_ids=ids, params=params, stream=True))
         if args.phase == "decode":
             scheduler = engine.scheduler
-            for _ in range(prompt_steps + 8):  # the prompts' steps
+            step_limit = prompt_steps + 8  # the prompts' steps, with room for partly filled ones
+            for _ in range(step_limit):
                 if not scheduler.waiting and all(r.is_decoding for r in scheduler.running):
                     break
                 engine.step()
             else:
-                raise SystemExit(f"batch {bs}: the prompts were not all prefilled after {prompt_steps + 8} steps")
+                raise SystemExit(f"batch {bs}: the prompts were not all prefilled after {step_limit} steps")
             for _ in range(args.steps):  # warm-up decode steps
                 engine.step()
         torch.cuda.synchronize()

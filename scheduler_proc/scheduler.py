@@ -147,16 +147,21 @@ class Scheduler:
             budget -= item.q_len
 
         prefilling = [r for r in self.running if r.num_resolved == 0 and not r.finished]
+        reserved = None  # sum of `_still_needed` over the running requests, kept up to date below
         for req in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_running:
                 break
             if self._defer(req, prefilling):
                 continue
-            item = self._admit(req, budget)
+            if reserved is None and self.running:
+                reserved = sum(self._still_needed(r) for r in self.running)
+            item = self._admit(req, budget, reserved or 0)
             if item is None:
                 break
             self.waiting.remove(req)
             bisect.insort(self.running, item.req, key=lambda r: r.arrival)
+            if reserved is not None:  # admitting changes no other running request's need
+                reserved += self._still_needed(req)
             prefilling.append(req)
             items.append(item)
             budget -= item.q_len
@@ -217,8 +222,17 @@ class Scheduler:
                 return True
         return False
 
-    def _admit(self, req: Req, budget: int) -> Optional[ScheduledItem]:
-        """Match the prefix cache, lock the match, and schedule the first chunk, if it fits."""
+    def _still_needed(self, req: Req) -> int:
+        """Tokens of KV a running request is expected to still add: the rest of its prompt (or of
+        its recomputation) and its expected output."""
+        if req.finished:
+            return 0
+        expected = self.output_estimate.reserve(req.max_new_tokens - len(req.output_ids))
+        return expected if req.is_decoding else expected + req.seq_len - req.num_computed
+
+    def _admit(self, req: Req, budget: int, reserved_tokens: int) -> Optional[ScheduledItem]:
+        """Match the prefix cache, lock the match, and schedule the first chunk, if it fits next to
+        the `reserved_tokens` the running requests still need."""
         # Prompt logprobs need logits at every prompt position, so such a prompt reuses nothing.
         reusable = 0 if req.params.prompt_logprobs and not req.output_ids else req.seq_len - 1
         match = self.cache.match_prefix(req.all_ids[:reusable])
@@ -227,15 +241,8 @@ class Scheduler:
             # Admit only what can finish its prompt and its expected output next to the running
             # requests' remaining prompts and expected outputs, with a page of headroom per running
             # request so admissions do not starve their decodes.
-            expected = self.output_estimate.reserve
-            needed = -(-(req.seq_len + expected(req.max_new_tokens - len(req.output_ids))) // self.page_size)
-            needed -= len(match.pages)
-            reserved_tokens = 0
-            for r in self.running:
-                if not r.finished:
-                    reserved_tokens += expected(r.max_new_tokens - len(r.output_ids))
-                    if not r.is_decoding:
-                        reserved_tokens += r.seq_len - r.num_computed
+            expected = self.output_estimate.reserve(req.max_new_tokens - len(req.output_ids))
+            needed = -(-(req.seq_len + expected) // self.page_size) - len(match.pages)
             reserved = -(-reserved_tokens // self.page_size)
             available = self.allocator.num_free + self.cache.num_evictable_pages
             if available - reserved - needed < len(self.running):
