@@ -2,6 +2,7 @@
 
     python benchmarks/profile_gpu_step.py --tokenizer DIR [--model configs/llama-3.1-8b.json]
         [--batches 1 64] [--context 512] [--steps 20] [--disable-cuda-graph] [--attention-backend triton]
+        [--page-size 16]
 
 For each batch size, `--batches` requests of `--context` random tokens are prefilled (however many
 steps that takes), then `--steps` warm-up decode steps run, then `--steps` decode steps under
@@ -34,13 +35,14 @@ def main() -> None:
     ap.add_argument("--disable-cuda-graph", action="store_true")
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--disable-pdl", action="store_true")
+    ap.add_argument("--page-size", type=int, default=1)
     ap.add_argument("--phase", choices=["decode", "prefill"], default="decode",
                     help="prefill: profile the first --steps steps (the prompts' chunks) instead")
     args = ap.parse_args()
     cfg = ServerConfig(model=args.model, tokenizer=args.tokenizer, load_format="dummy", device="cuda",
                        max_running_requests=max(256, *args.batches), chunked_prefill_size=8192,
                        disable_cuda_graph=args.disable_cuda_graph, attention_backend=args.attention_backend,
-                       disable_pdl=args.disable_pdl)
+                       disable_pdl=args.disable_pdl, page_size=args.page_size)
     engine = Engine(cfg)
     rng = random.Random(0)
     for bs in args.batches:
