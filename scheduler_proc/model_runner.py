@@ -103,16 +103,17 @@ class ModelRunner:
                                 tp_group=tp_group)
         if device.type == "cuda" and not config.disable_triton_gemv:
             logger.info("Triton GEMV for batch-1 products of %d projections", enable_gemv(self.model))
+        backend_name = resolve_backend_name(config.attention_backend, device)
         backend_kw = {}
         if device.type == "cuda" and not config.disable_pdl and _pdl_supported(device):
             logger.info("programmatic dependent launch for the Triton kernels of %d modules", enable_pdl(self.model))
-            if resolve_backend_name(config.attention_backend, device) != "torch":
+            if backend_name != "torch":
                 backend_kw["pdl"] = True
         hf = spec.hf_config
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         num_q_heads = hf.num_attention_heads // tp_size
         num_kv_heads = max(1, hf.num_key_value_heads // tp_size)
-        self.backend = create_attention_backend(config.attention_backend, num_q_heads, num_kv_heads,
+        self.backend = create_attention_backend(backend_name, num_q_heads, num_kv_heads,
                                                 head_dim, device=device, dtype=dtype, **backend_kw)
         # Allocated before the KV pool is sized from what memory is left.
         self.page_table = PageTable(config.max_running_requests + 32, -(-spec.max_model_len // self.page_size) + 1,
