@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--scenarios", nargs="+", default=["b1", "b64"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--attention-backend", default="auto")
-    ap.add_argument("--page-size", type=int, default=1)
+    ap.add_argument("--page-size", type=int, default=ServerConfig.page_size)
     ap.add_argument("--max-running-requests", type=int, default=ServerConfig.max_running_requests)
     ap.add_argument("--cuda-graph-max-bs", type=int, default=None)
     ap.add_argument("--blas", choices=["cublas", "cublaslt"], default=None,

@@ -3,8 +3,9 @@
     python benchmarks/bench_flashinfer_decode_plan.py [--batch 408] [--context 1546] [--pool 900000]
 
 One layer of the Llama-3.1-8B shape (32 q / 8 kv heads, dim 128, bf16) as the engine's CUDA graphs
-run it (`use_cuda_graph=True` wrapper, four calls per graph): page size 1 and 16, the sequences'
-pages contiguous or scattered over a pool the size of the real one, and the plan FlashInfer picks
+run it (`use_cuda_graph=True` wrapper, timed as a CUDA graph of four calls by
+`bench_gemm_gpu.time_ms`): page size 1 and 16, the sequences' pages contiguous or scattered over a
+pool the size of the real one, and the plan FlashInfer picks
 (in CUDA-graph mode always its split-KV path: float32 partial outputs and a merge kernel) against
 `disable_split_kv=True` and `fixed_split_size`. Prints ms per call and K/V read bandwidth (an H200
 copies at 4.28 TB/s, shared/gpu/README.md).
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 
 import torch
+
+from bench_gemm_gpu import time_ms
 
 HQ, HKV, D = 32, 8, 128
 
@@ -49,24 +52,7 @@ def bench(args, ws, q, page: int, layout: str, scatter: bool, plan: str) -> None
         print(f"{label} plan failed: {str(e).splitlines()[0][:120]}")
         return
     out = torch.empty_like(q)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        w.run(q, (k, v), out=out)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(4):
-            w.run(q, (k, v), out=out)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / 40
+    ms = time_ms(lambda _: w.run(q, (k, v), out=out), calls=4)
     kv_bytes = B * ctx * HKV * D * 2 * 2
     print(f"{label} {ms:.4f} ms {kv_bytes / ms / 1e9:.2f} TB/s", flush=True)
 

@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--disable-cuda-graph", action="store_true")
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--disable-pdl", action="store_true")
-    ap.add_argument("--page-size", type=int, default=1)
+    ap.add_argument("--page-size", type=int, default=ServerConfig.page_size)
     ap.add_argument("--phase", choices=["decode", "prefill"], default="decode",
                     help="prefill: profile the first --steps steps (the prompts' chunks) instead")
     args = ap.parse_args()

@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--chunked-prefill-size", type=int, default=8192)
     ap.add_argument("--max-total-tokens", type=int, default=828909,
                     help="KV capacity (default: the H200's pool for the Llama-3.1-8B shape)")
-    ap.add_argument("--page-size", type=int, default=1)
+    ap.add_argument("--page-size", type=int, default=ServerConfig.page_size)
     args = ap.parse_args()
     cfg = ServerConfig(model="configs/tiny-llama.json", load_format="dummy", device="cpu", dtype="float32",
                        chunked_prefill_size=args.chunked_prefill_size, page_size=args.page_size,
