@@ -158,14 +158,15 @@ def synthetic_scheduler(config, paths, ipc_dir: str, tp_rank: int, ready_conn) -
 
     from scheduler_proc.models.embedded import ensure_embedded_model
     from server import ipc
-    from server.process_util import ModelInfo, pull_socket, push_socket, report_ready, setup_child
+    from server.ipc_queue import PullQueue, PushQueue
+    from server.process_util import ModelInfo, report_ready, setup_child
 
-    setup_child("skiff-synthetic", config.log_level)
+    wake_fd = setup_child("skiff-synthetic", config.log_level)
     ctx = zmq.Context()
-    inbox, out = pull_socket(ctx, paths.scheduler), push_socket(ctx, paths.detokenizer)
+    inbox = PullQueue(ctx, paths.scheduler, ipc.SchedulerInbound, wake_fd=wake_fd)
+    out = PushQueue(ctx, paths.detokenizer)
     report_ready(ready_conn, ModelInfo(4096, 49152, (2,), str(ensure_embedded_model())))
     words = list(range(1000, 1400))  # plain BPE word pieces of the SmolLM2 vocabulary
-    decoder = ipc.make_decoder(ipc.SchedulerInbound)
     running: dict[str, list] = {}  # rid -> [request, tokens generated]
     last_stats = 0.0
     step_s = float(os.environ.get("SKIFF_BENCH_STEP_MS", "0")) / 1e3
@@ -174,18 +175,15 @@ def synthetic_scheduler(config, paths, ipc_dir: str, tp_rank: int, ready_conn) -
         if running:
             time.sleep(max(0.0, next_step - time.monotonic()))
             next_step = max(next_step + step_s, time.monotonic() - step_s)
-        if running or inbox.poll(250):
-            while inbox.poll(0):
-                msg = decoder.decode(inbox.recv())
-                if isinstance(msg, ipc.TokenizedRequest):
-                    running[msg.rid] = [msg, 0]
-                    out.send(ipc.encode(ipc.RequestStarted(msg.rid, msg.params, msg.input_ids[-5:])))
-                elif isinstance(msg, ipc.AbortRequest) and msg.rid in running:
-                    req, n = running.pop(msg.rid)
-                    out.send(ipc.encode(ipc.BatchTokenOutput([ipc.TokenOutput(msg.rid, [], "abort",
-                                                                              len(req.input_ids), 0, n)])))
-                elif isinstance(msg, ipc.FlushCacheRequest):
-                    out.send(ipc.encode(ipc.FlushCacheResult(msg.req_id, not running)))
+        for msg in inbox.drain(0 if running else 250):
+            if isinstance(msg, ipc.TokenizedRequest):
+                running[msg.rid] = [msg, 0]
+                out.put(ipc.RequestStarted(msg.rid, msg.params, msg.input_ids[-5:]))
+            elif isinstance(msg, ipc.AbortRequest) and msg.rid in running:
+                req, n = running.pop(msg.rid)
+                out.put(ipc.BatchTokenOutput([ipc.TokenOutput(msg.rid, [], "abort", len(req.input_ids), 0, n)]))
+            elif isinstance(msg, ipc.FlushCacheRequest):
+                out.put(ipc.FlushCacheResult(msg.req_id, not running))
         outputs = []
         for rid, state in list(running.items()):
             req, n = state
@@ -196,9 +194,9 @@ def synthetic_scheduler(config, paths, ipc_dir: str, tp_rank: int, ready_conn) -
             if done:
                 del running[rid]
         if outputs:
-            out.send(ipc.encode(ipc.BatchTokenOutput(outputs)))
+            out.put(ipc.BatchTokenOutput(outputs))
         if time.monotonic() - last_stats > 0.25:
-            out.send(ipc.encode(ipc.SchedulerStats(len(running), 0, 0.0, 0.0, timestamp=time.time())))
+            out.put(ipc.SchedulerStats(len(running), 0, 0.0, 0, 0.0))
             last_stats = time.monotonic()
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-import zmq
-
 from server import ipc
 from server.config import ServerConfig
 from server.process_util import IpcPaths, ModelInfo, start_child
@@ -86,31 +84,23 @@ class DetokenizerWorker:
 
 def run_detokenizer(config: ServerConfig, paths: IpcPaths, info: ModelInfo, ready_conn) -> None:
     """Process entry point."""
-    worker, inbox, (to_server,) = start_child(
-        "skiff-detok", config.log_level, ready_conn, lambda: DetokenizerWorker(TextTokenizer(info.tokenizer_path)),
-        paths.detokenizer, [paths.server])
-    decoder = ipc.make_decoder(ipc.SchedulerOutbound)
-    while True:
-        frames = [inbox.recv()]
-        while True:  # drain what is queued so one message carries many requests' deltas
-            try:
-                frames.append(inbox.recv(zmq.NOBLOCK))
-            except zmq.Again:
-                break
-        texts: list[ipc.TextOutput] = []
-        for frame in frames:
-            msg = decoder.decode(frame)
-            if isinstance(msg, ipc.BatchTokenOutput):
-                for out in msg.outputs:
-                    text = worker.process(out)
-                    if text is not None:
-                        texts.append(text)
-            elif isinstance(msg, ipc.RequestStarted):
-                worker.start(msg)
-            else:
-                if texts:  # keep order: deltas before a control message that followed them
-                    to_server.send(ipc.encode(ipc.BatchTextOutput(texts)))
-                    texts = []
-                to_server.send(frame)
-        if texts:
-            to_server.send(ipc.encode(ipc.BatchTextOutput(texts)))
+    with start_child("skiff-detok", config.log_level, ready_conn,
+                     lambda: DetokenizerWorker(TextTokenizer(info.tokenizer_path)),
+                     paths.detokenizer, ipc.SchedulerOutbound, [paths.server]) as child:
+        worker, inbox, (to_server,) = child
+        while True:
+            texts: list[ipc.TextOutput] = []
+            # Everything queued is handled at once, so one message carries many requests' deltas.
+            for frame in inbox.drain_frames():
+                msg = inbox.decode(frame)
+                if isinstance(msg, ipc.BatchTokenOutput):
+                    texts += filter(None, map(worker.process, msg.outputs))
+                elif isinstance(msg, ipc.RequestStarted):
+                    worker.start(msg)
+                else:
+                    if texts:  # keep order: deltas before a control message that followed them
+                        to_server.put(ipc.BatchTextOutput(texts))
+                        texts = []
+                    to_server.put_frame(frame)
+            if texts:
+                to_server.put(ipc.BatchTextOutput(texts))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -44,7 +43,6 @@ class ForwardResult:
     batch: ScheduleBatch
     sampled: list[ScheduledItem]
     logits: Optional[torch.Tensor]  # [len(sampled), V]; None when nothing samples
-    launch_time: float
 
 
 @dataclass
@@ -54,7 +52,6 @@ class StepResult:
     batch: ScheduleBatch
     sampled: list[ScheduledItem]
     host: HostCopy
-    launch_time: float
 
 
 @dataclass
@@ -112,7 +109,6 @@ class Engine:
         self.overlap = not config.disable_overlap and self.device.type == "cuda"
         self._inflight: Optional[StepResult] = None
         self.timeline: Optional[StepTimeline] = None  # set by benchmarks to measure device idle time
-        self.last_step_time = 0.0
         self.num_steps = 0
         self.generated_tokens = 0
         self.computed_tokens = 0  # tokens run through the model (prefill + decode), for tests and stats
@@ -224,7 +220,6 @@ class Engine:
         """Launch the batch's forward without waiting for the device. Needs no host token of an
         in-flight step (placeholders are resolved on the device); the KV it writes keeps each
         request's pages alive until the step is processed (`inflight_steps`)."""
-        t0 = time.perf_counter()
         self.computed_tokens += batch.num_tokens
         echo = {it.req.rid for it in batch.items
                 if it.req.params.prompt_logprobs and it.start < len(it.req.input_ids)}
@@ -252,7 +247,7 @@ class Engine:
             logits = logits[sample_rows]
         if self.timeline is not None:
             self.timeline.end()
-        return ForwardResult(batch, sampled, logits if sampled else None, time.perf_counter() - t0)
+        return ForwardResult(batch, sampled, logits if sampled else None)
 
     def _sample(self, fwd: ForwardResult) -> StepResult:
         """Sample the forward's rows (grammar mask, penalties) without waiting for the device; every
@@ -261,7 +256,6 @@ class Engine:
         Under CUDA graphs the logits are a view of the graph's static output: this must run
         before the next forward replays the graph.
         """
-        t0 = time.perf_counter()
         out = None
         if fwd.sampled:
             reqs = [it.req for it in fwd.sampled]
@@ -278,7 +272,7 @@ class Engine:
             if self.timeline is not None:
                 self.timeline.end()
         host = self.runner.to_host(out)
-        return StepResult(fwd.batch, fwd.sampled, host, fwd.launch_time + time.perf_counter() - t0)
+        return StepResult(fwd.batch, fwd.sampled, host)
 
     def _process(self, result: StepResult) -> list[TokenOutput]:
         """Resolve a launched step's tokens on the host, finish requests, collect outputs."""
@@ -320,7 +314,6 @@ class Engine:
                 self.scheduler.cache_prefix(req)
             if req.finished or req.stream:
                 outputs.append(self._output(req))
-        self.last_step_time = result.launch_time
         self.num_steps += 1
         return outputs
 
@@ -427,16 +420,18 @@ class Engine:
         return True
 
     def kv_usage(self) -> float:
+        """Share of usable pages that requests hold. Cached prefixes no request references count
+        as free, as vLLM and SGLang count them: they are evicted the moment a request needs room."""
         usable = self.runner.num_pages - 1
-        return (usable - self.allocator.num_free) / usable
+        return (usable - self.allocator.num_free - self.cache.num_evictable_pages) / usable
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting) + (self._grammar.num_waiting if self._grammar else 0),
-            kv_usage=self.kv_usage(), cache_hit_rate=self.scheduler.hit_rate,
-            num_cached_tokens=self.scheduler.hit_tokens, step_time_s=self.last_step_time,
-            timestamp=time.time(), **self._grammar_stats(),
+            kv_usage=self.kv_usage(), prefix_cache_tokens=self.cache.num_evictable_pages * self.page_size,
+            cache_hit_rate=self.scheduler.hit_rate, num_retractions=self.scheduler.num_retractions,
+            num_evicted_pages=self.scheduler.num_evicted_pages, **self._grammar_stats(),
         )
 
     def _grammar_stats(self) -> dict:

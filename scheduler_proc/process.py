@@ -22,7 +22,8 @@ import zmq
 from scheduler_proc.engine import Engine, EngineError
 from server import ipc
 from server.config import ServerConfig
-from server.process_util import IpcPaths, ModelInfo, pull_socket, push_socket, report_failure, report_ready, setup_child
+from server.ipc_queue import PullQueue, PushQueue
+from server.process_util import IpcPaths, ModelInfo, report_failure, report_ready, setup_child
 
 logger = logging.getLogger(__name__)
 
@@ -56,28 +57,19 @@ def _broadcast_frames(frames: list[bytes], group) -> list[bytes]:
     return msgspec.msgpack.decode(buf.numpy().tobytes(), type=list[bytes])
 
 
-def _drain(inbox: zmq.Socket, timeout_ms: int) -> list[bytes]:
-    frames: list[bytes] = []
-    if timeout_ms and not inbox.poll(timeout_ms):
-        return frames
-    while True:
-        try:
-            frames.append(inbox.recv(zmq.NOBLOCK))
-        except zmq.Again:
-            return frames
-
-
 class SchedulerLoop:
-    """Applies inbound messages to the engine and steps it; `send` is None on ranks > 0."""
+    """Applies inbound messages to the engine and steps it; `outbox` is None on ranks > 0."""
 
-    def __init__(self, engine: Engine, send=None):
+    def __init__(self, engine: Engine, outbox: Optional[PushQueue] = None):
         self.engine = engine
-        self.send = send
+        self.outbox = outbox
         self.decoder = ipc.make_decoder(ipc.SchedulerInbound)
+        self.last_stats = 0.0
+        self.busy = False
 
     def _emit(self, msg) -> None:
-        if self.send is not None:
-            self.send(ipc.encode(msg))
+        if self.outbox is not None:
+            self.outbox.put(msg)
 
     def handle(self, frame: bytes) -> bool:
         """Apply one message; False on Shutdown."""
@@ -108,35 +100,42 @@ class SchedulerLoop:
             if outputs:
                 self._emit(ipc.BatchTokenOutput(outputs))
 
+    def publish_stats(self) -> None:
+        """Gauges every STATS_INTERVAL_S (also the heartbeat), and at once when the engine goes
+        idle, so /metrics never shows the last request running after it finished."""
+        if self.outbox is None:
+            return
+        busy, now = self.engine.has_work(), time.monotonic()
+        if now - self.last_stats >= STATS_INTERVAL_S or (self.busy and not busy):
+            self._emit(self.engine.stats())
+            self.last_stats = now
+        self.busy = busy
+
 
 def run_scheduler(config: ServerConfig, paths: IpcPaths, ipc_dir: str, tp_rank: int, ready_conn) -> None:
     """Process entry point for one TP rank."""
-    setup_child(f"skiff-sched-{tp_rank}", config.log_level)
-    inbox: Optional[zmq.Socket] = None
+    wake_fd = setup_child(f"skiff-sched-{tp_rank}", config.log_level)
+    ctx = zmq.Context()
     try:
-        tp_group, control = _init_tp(config, tp_rank, ipc_dir)
-        engine = Engine(config, tp_rank=tp_rank, tp_group=tp_group)
-        send = None
-        if tp_rank == 0:
-            ctx = zmq.Context()
-            inbox = pull_socket(ctx, paths.scheduler)
-            send = push_socket(ctx, paths.detokenizer).send
-    except BaseException as e:
-        report_failure(ready_conn, e)
-        raise
-    report_ready(ready_conn, ModelInfo(engine.max_model_len, engine.vocab_size, tuple(engine.eos_token_ids),
-                                       engine.tokenizer_path) if tp_rank == 0 else None)
-    loop = SchedulerLoop(engine, send)
-    last_stats = 0.0
-    running = True
-    while running:
-        frames = _drain(inbox, 0 if engine.has_work() else IDLE_POLL_MS) if inbox is not None else []
-        if control is not None:
-            frames = _broadcast_frames(frames, control)
-        for frame in frames:
-            running = loop.handle(frame) and running
-        loop.step()
-        now = time.monotonic()
-        if send is not None and now - last_stats >= STATS_INTERVAL_S:
-            send(ipc.encode(engine.stats()))
-            last_stats = now
+        try:
+            tp_group, control = _init_tp(config, tp_rank, ipc_dir)
+            engine = Engine(config, tp_rank=tp_rank, tp_group=tp_group)
+            inbox = PullQueue(ctx, paths.scheduler, ipc.SchedulerInbound, wake_fd=wake_fd) if tp_rank == 0 else None
+            outbox = PushQueue(ctx, paths.detokenizer) if tp_rank == 0 else None
+        except BaseException as e:
+            report_failure(ready_conn, e)
+            raise
+        report_ready(ready_conn, ModelInfo(engine.max_model_len, engine.vocab_size, tuple(engine.eos_token_ids),
+                                           engine.tokenizer_path) if tp_rank == 0 else None)
+        loop = SchedulerLoop(engine, outbox)
+        running = True
+        while running:
+            frames = inbox.drain_frames(0 if engine.has_work() else IDLE_POLL_MS) if inbox is not None else []
+            if control is not None:
+                frames = _broadcast_frames(frames, control)
+            for frame in frames:
+                running = loop.handle(frame) and running
+            loop.step()
+            loop.publish_stats()
+    finally:
+        ctx.destroy(linger=0)

@@ -19,7 +19,8 @@ import zmq.asyncio
 
 from server import ipc
 from server.metrics import Metrics
-from server.process_util import IpcPaths, pull_socket, push_socket
+from server.ipc_queue import AsyncPullQueue, PushQueue
+from server.process_util import IpcPaths
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +76,11 @@ class RequestGroup:
 class EngineClient:
     def __init__(self, paths: IpcPaths, metrics: Metrics):
         self.ctx = zmq.asyncio.Context()
-        self.inbox = pull_socket(self.ctx, paths.server)
+        self.inbox: AsyncPullQueue[ipc.ServerInbound] = AsyncPullQueue(self.ctx, paths.server, ipc.ServerInbound)
         # A plain (blocking-API) socket: with no high-water mark a PUSH send never blocks, and a
         # synchronous send also works from code being cancelled (a disconnected client's cleanup).
         self.sync_ctx = zmq.Context()
-        self.to_tokenizer = push_socket(self.sync_ctx, paths.tokenizer)
+        self.to_tokenizer = PushQueue(self.sync_ctx, paths.tokenizer)
         self.metrics = metrics
         self.groups: dict[str, RequestGroup] = {}
         self.calls: dict[str, asyncio.Future] = {}
@@ -118,7 +119,7 @@ class EngineClient:
         for r in requests:
             self.groups[r.rid] = group
         for r in requests:
-            self.to_tokenizer.send(ipc.encode(r))
+            self.to_tokenizer.put(r)
         return group
 
     def abort(self, rid: str) -> None:
@@ -126,7 +127,7 @@ class EngineClient:
         if group is not None:
             group.unfinished.discard(rid)
         if self.dead is None:
-            self.to_tokenizer.send(ipc.encode(ipc.AbortRequest(rid)))
+            self.to_tokenizer.put(ipc.AbortRequest(rid))
 
     async def call(self, msg: Union[ipc.TokenizeRequest, ipc.DetokenizeRequest, ipc.FlushCacheRequest],
                    timeout_s: float = 30.0):
@@ -136,7 +137,7 @@ class EngineClient:
         fut = asyncio.get_running_loop().create_future()
         self.calls[msg.req_id] = fut
         try:
-            self.to_tokenizer.send(ipc.encode(msg))
+            self.to_tokenizer.put(msg)
             return await asyncio.wait_for(fut, timeout_s)
         finally:
             self.calls.pop(msg.req_id, None)
@@ -146,7 +147,7 @@ class EngineClient:
         registered so their clients still receive the final "abort" output."""
         for rid, group in list(self.groups.items()):
             if rid in group.unfinished and self.dead is None:
-                self.to_tokenizer.send(ipc.encode(ipc.AbortRequest(rid)))
+                self.to_tokenizer.put(ipc.AbortRequest(rid))
 
     def fail_all(self, reason: str) -> None:
         """The pipeline died: wake every waiter with an error instead of leaving it hanging."""
@@ -163,9 +164,8 @@ class EngineClient:
     # ------------------------------------------------------------------ the receive loop
 
     async def _run(self) -> None:
-        decoder = ipc.make_decoder(ipc.ServerInbound)
         while True:
-            msg = decoder.decode(await self.inbox.recv())
+            msg = await self.inbox.get()
             if isinstance(msg, ipc.BatchTextOutput):
                 now = time.monotonic()
                 for out in msg.outputs:
@@ -204,5 +204,5 @@ class EngineClient:
             self.metrics.observe_finished(out.finish_reason, now - group.start, out.prompt_tokens,
                                           out.completion_tokens, out.cached_tokens)
             if out.abort_upstream:  # finished by a stop string: free the scheduler's KV now
-                self.to_tokenizer.send(ipc.encode(ipc.AbortRequest(out.rid)))
+                self.to_tokenizer.put(ipc.AbortRequest(out.rid))
         group._push(out.rid, out)

@@ -120,16 +120,17 @@ class BatchTokenOutput(msgspec.Struct, tag=True):
 
 
 class SchedulerStats(msgspec.Struct, tag=True):
-    """Periodic gauges from scheduler rank 0 (also the liveness heartbeat)."""
+    """Scheduler rank 0's gauges and running totals: sent every 250 ms (the liveness heartbeat,
+    also while idle) and once more the moment the engine goes idle."""
 
     num_running: int
     num_waiting: int
-    kv_usage: float
+    kv_usage: float  # share of usable KV pages that requests hold (unreferenced cached prefixes are free)
+    prefix_cache_tokens: int  # tokens of cached prefixes no request references: reusable, evictable
     cache_hit_rate: float
-    num_cached_tokens: int = 0
-    step_time_s: float = 0.0
-    timestamp: float = 0.0
-    # structured outputs: grammar compile cache (cumulative) and bitmask filling time
+    # running totals since start (the API server turns them into Prometheus counters)
+    num_retractions: int = 0
+    num_evicted_pages: int = 0
     grammar_cache_hits: int = 0
     grammar_cache_misses: int = 0
     grammar_compile_failures: int = 0

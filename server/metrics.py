@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from server.ipc import SchedulerStats
@@ -10,8 +11,20 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2
                     5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 
 
+# The scheduler's running totals and the counters that follow them.
+_TOTALS = (("num_retractions", "skiff:num_retractions", "Running requests retracted to the queue when KV ran out."),
+           ("num_evicted_pages", "skiff:evicted_pages", "KV pages evicted from the prefix cache."),
+           ("grammar_cache_hits", "skiff:grammar_cache_hits", "Grammar compile cache hits."),
+           ("grammar_cache_misses", "skiff:grammar_cache_misses", "Grammar compiles (cache misses)."),
+           ("grammar_compile_failures", "skiff:grammar_compile_failures", "Grammars that failed to compile."),
+           ("grammar_mask_fill_s", "skiff:grammar_mask_fill_seconds", "CPU time spent filling grammar bitmasks."))
+
+
 class Metrics:
     def __init__(self, model_name: str):
+        # `*_created` series next to every counter are noise to dashboards; a process-wide switch
+        # of prometheus-client, and this process exports only Skiff's registry.
+        prometheus_client.disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["model_name"]
         r = self.registry
@@ -21,7 +34,10 @@ class Metrics:
 
         self.num_running = gauge("skiff:num_running_requests", "Requests in the running batch.")
         self.num_waiting = gauge("skiff:num_waiting_requests", "Requests waiting to be scheduled.")
-        self.kv_usage = gauge("skiff:kv_cache_usage", "Fraction of KV cache pages in use (0..1).")
+        self.kv_usage = gauge("skiff:kv_cache_usage", "Fraction of KV cache pages that requests hold (0..1); "
+                              "cached prefixes no request references count as free.")
+        self.prefix_cache_tokens = gauge("skiff:prefix_cache_tokens",
+                                         "Tokens of cached prefixes no request references (reusable, evictable).")
         self.hit_rate = gauge("skiff:prefix_cache_hit_rate", "Prefix cache hit rate over prompt tokens (0..1).")
         self.prompt_tokens = Counter("skiff:prompt_tokens", "Prompt tokens of finished requests.", labels,
                                      registry=r).labels(model_name)
@@ -36,15 +52,8 @@ class Metrics:
                               buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
         self.itl = Histogram("skiff:inter_token_latency_seconds", "Time between consecutive output tokens.",
                              labels, buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
-        self.grammar_hits = Counter("skiff:grammar_cache_hits", "Grammar compile cache hits.", labels,
-                                    registry=r).labels(model_name)
-        self.grammar_misses = Counter("skiff:grammar_cache_misses", "Grammar compiles (cache misses).", labels,
-                                      registry=r).labels(model_name)
-        self.grammar_failures = Counter("skiff:grammar_compile_failures", "Grammars that failed to compile.",
-                                        labels, registry=r).labels(model_name)
-        self.grammar_mask_s = Counter("skiff:grammar_mask_fill_seconds", "CPU time spent filling grammar bitmasks.",
-                                      labels, registry=r).labels(model_name)
-        self._grammar_last = (0, 0, 0, 0.0)  # the scheduler reports running totals; counters take deltas
+        self.totals = {field: Counter(name, doc, labels, registry=r).labels(model_name) for field, name, doc in _TOTALS}
+        self._last_totals = {field: 0 for field, _, _ in _TOTALS}
         self.e2e = Histogram("skiff:e2e_request_latency_seconds", "End-to-end request latency.", labels,
                              buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
 
@@ -52,14 +61,13 @@ class Metrics:
         self.num_running.set(stats.num_running)
         self.num_waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_usage)
+        self.prefix_cache_tokens.set(stats.prefix_cache_tokens)
         self.hit_rate.set(stats.cache_hit_rate)
-        now = (stats.grammar_cache_hits, stats.grammar_cache_misses, stats.grammar_compile_failures,
-               stats.grammar_mask_fill_s)
-        for counter, new, old in zip((self.grammar_hits, self.grammar_misses, self.grammar_failures,
-                                      self.grammar_mask_s), now, self._grammar_last):
-            if new > old:
-                counter.inc(new - old)
-        self._grammar_last = now
+        for field, counter in self.totals.items():  # counters take the growth of the running totals
+            total = getattr(stats, field)
+            if total > self._last_totals[field]:
+                counter.inc(total - self._last_totals[field])
+            self._last_totals[field] = total
 
     def observe_tokens(self, first: bool, elapsed_s: float, gap_s: float, num_tokens: int) -> None:
         """One output arrived with `num_tokens` new tokens; `gap_s` since the previous one."""

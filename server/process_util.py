@@ -1,10 +1,11 @@
-"""What every Skiff child process shares: socket addresses, supervision hooks and ZMQ helpers.
+"""What every Skiff child process shares: socket addresses, supervision hooks and start-up.
 
-Light on purpose (stdlib + pyzmq): the API server and the tokenizer import it.
+Light on purpose (stdlib, pyzmq, msgspec): the API server and the tokenizer import it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -13,9 +14,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import zmq
+
+from server.ipc_queue import PullQueue, PushQueue
 
 _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
@@ -46,27 +49,16 @@ class ModelInfo:
     tokenizer_path: str
 
 
-def pull_socket(ctx: zmq.Context, addr: str, bind: bool = True) -> zmq.Socket:
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.RCVHWM, 0)  # never drop: back-pressure is the sender's queue
-    (sock.bind if bind else sock.connect)(addr)
-    return sock
-
-
-def push_socket(ctx: zmq.Context, addr: str, bind: bool = False) -> zmq.Socket:
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.LINGER, 0)
-    (sock.bind if bind else sock.connect)(addr)
-    return sock
-
-
-def setup_child(name: str, log_level: str = "info") -> None:
+def setup_child(name: str, log_level: str = "info") -> int:
     """Run first in every child: name it, make it die with its parent, and leave SIGINT to the
     supervisor (Ctrl-C reaches the whole process group; the supervisor decides how to stop).
 
-    SIGTERM raises SystemExit so `finally` blocks run. The parent-death watch has two layers:
-    PR_SET_PDEATHSIG (Linux, immediate) and a thread polling getppid() (portable fallback).
+    SIGTERM raises SystemExit so `finally` blocks run. The kernel may deliver it to any thread
+    that does not block it; the Python handler still runs in the main thread, but only once that
+    thread returns from C. So every signal also writes a byte to a wake-up pipe, whose read end
+    (returned) the child's inbox polls: a child blocked waiting for messages stops at once.
+    The parent-death watch has two layers: PR_SET_PDEATHSIG (Linux, immediate) and a thread
+    polling getppid() (portable fallback).
     """
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s {name} %(levelname)s %(message)s")
     parent = os.getppid()
@@ -81,7 +73,12 @@ def setup_child(name: str, log_level: str = "info") -> None:
             pass
     if os.getppid() != parent:  # the parent died before the death signal was armed
         os._exit(1)
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="parent-watch").start()
+    return wake_read
 
 
 def _exit_on_sigterm(signum, frame) -> None:
@@ -113,26 +110,31 @@ class ChildStart(NamedTuple):
     """What `start_child` hands a child's main loop."""
 
     worker: Any  # what `build()` returned
-    inbox: zmq.Socket  # PULL, bound
-    outboxes: list[zmq.Socket]  # PUSH, connected, in the order their addresses were given
+    inbox: PullQueue
+    outboxes: list[PushQueue]  # in the order their addresses were given
 
 
+@contextlib.contextmanager
 def start_child(name: str, log_level: str, ready_conn, build: Callable[[], Any], inbox: str,
-                outboxes: Sequence[str]) -> ChildStart:
-    """The start-up of a socket-driven child process (tokenizer, detokenizer).
+                accepts: type, outboxes: Sequence[str]) -> Iterator[ChildStart]:
+    """The start-up and tear-down of a socket-driven child process (tokenizer, detokenizer).
 
-    `setup_child`, then `build()` its worker, bind `inbox` and connect `outboxes`, then report
-    ready to the supervisor. A failure in any of these is reported to the supervisor (which
-    then stops the server with that message) and re-raised.
+    `setup_child`, then `build()` its worker, bind `inbox` (for messages of the union type
+    `accepts`) and connect `outboxes`, then report ready to the supervisor. A failure in any of
+    these is reported to the supervisor (which then stops the server with that message) and
+    re-raised. On the way out (SIGTERM included) the sockets are closed without lingering.
     """
-    setup_child(name, log_level)
+    wake_fd = setup_child(name, log_level)
+    ctx = zmq.Context()
     try:
-        worker = build()
-        ctx = zmq.Context()
-        pull = pull_socket(ctx, inbox)
-        pushes = [push_socket(ctx, addr) for addr in outboxes]
-    except BaseException as e:
-        report_failure(ready_conn, e)
-        raise
-    report_ready(ready_conn)
-    return ChildStart(worker, pull, pushes)
+        try:
+            worker = build()
+            pull = PullQueue(ctx, inbox, accepts, wake_fd=wake_fd)
+            pushes = [PushQueue(ctx, addr) for addr in outboxes]
+        except BaseException as e:
+            report_failure(ready_conn, e)
+            raise
+        report_ready(ready_conn)
+        yield ChildStart(worker, pull, pushes)
+    finally:
+        ctx.destroy(linger=0)

@@ -92,22 +92,21 @@ class TokenizerWorker:
 
 def run_tokenizer(config: ServerConfig, paths: IpcPaths, info: ModelInfo, ready_conn) -> None:
     """Process entry point."""
-    worker, inbox, (to_scheduler, to_server) = start_child(
-        "skiff-tokenizer", config.log_level, ready_conn,
-        lambda: TokenizerWorker(TextTokenizer(info.tokenizer_path), info),
-        paths.tokenizer, [paths.scheduler, paths.server])
-    decoder = ipc.make_decoder(ipc.TokenizerInbound)
-    while True:
-        msg = decoder.decode(inbox.recv())
-        try:
-            if isinstance(msg, ipc.GenerateRequest):
-                to_scheduler.send(ipc.encode(worker.tokenize_generate(msg)))
-            elif isinstance(msg, (ipc.AbortRequest, ipc.FlushCacheRequest)):
-                to_scheduler.send(ipc.encode(msg))
-            elif isinstance(msg, ipc.TokenizeRequest):
-                to_server.send(ipc.encode(worker.tokenize(msg)))
-            elif isinstance(msg, ipc.DetokenizeRequest):
-                to_server.send(ipc.encode(worker.detokenize(msg)))
-        except RequestError as e:
-            rid = msg.rid if isinstance(msg, ipc.GenerateRequest) else msg.req_id
-            to_server.send(ipc.encode(ipc.ErrorOutput(rid, e.message, 400, e.param)))
+    with start_child("skiff-tokenizer", config.log_level, ready_conn,
+                     lambda: TokenizerWorker(TextTokenizer(info.tokenizer_path), info),
+                     paths.tokenizer, ipc.TokenizerInbound, [paths.scheduler, paths.server]) as child:
+        worker, inbox, (to_scheduler, to_server) = child
+        while True:
+            for msg in inbox.drain():
+                try:
+                    if isinstance(msg, ipc.GenerateRequest):
+                        to_scheduler.put(worker.tokenize_generate(msg))
+                    elif isinstance(msg, (ipc.AbortRequest, ipc.FlushCacheRequest)):
+                        to_scheduler.put(msg)
+                    elif isinstance(msg, ipc.TokenizeRequest):
+                        to_server.put(worker.tokenize(msg))
+                    elif isinstance(msg, ipc.DetokenizeRequest):
+                        to_server.put(worker.detokenize(msg))
+                except RequestError as e:
+                    rid = msg.rid if isinstance(msg, ipc.GenerateRequest) else msg.req_id
+                    to_server.put(ipc.ErrorOutput(rid, e.message, 400, e.param))
