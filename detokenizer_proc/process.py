@@ -5,13 +5,18 @@ scheduler rank 0 --RequestStarted/BatchTokenOutput--> [detokenizer] --BatchTextO
 always exists when tokens come; tokens for a request it no longer knows (finished here by a stop
 string, then aborted upstream) are dropped. Other scheduler messages (stats, flush results, errors)
 are forwarded to the server unchanged.
+
+No request can end this process: an exception while starting or detokenizing one request fails
+that request alone (an `ErrorOutput` with status 500 and abort_upstream, its traceback logged),
+and its later tokens are dropped like those of any request it no longer knows.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Union
 
+import msgspec
 import zmq
 
 from server import ipc
@@ -30,19 +35,43 @@ class _ReqState:
         self.detok, self.logprobs, self.prompt_ids = detok, logprobs, prompt_ids
 
 
+INTERNAL_ERROR = "internal error while detokenizing the output; the request was aborted"
+
+
 class DetokenizerWorker:
-    """Per-request incremental detokenization; pure logic, no sockets."""
+    """Per-request incremental detokenization; pure logic, no sockets.
+
+    `start` and `process` never raise for a request: a failure becomes that request's ErrorOutput.
+    """
 
     def __init__(self, tokenizer: TextTokenizer):
         self.tok = tokenizer
         self.states: dict[str, _ReqState] = {}
 
-    def start(self, msg: ipc.RequestStarted) -> None:
-        p = msg.params
-        detok = IncrementalDetokenizer(self.tok.decode, msg.prompt_tail, p.stop, p.skip_special_tokens)
-        self.states[msg.rid] = _ReqState(detok, p.logprobs or p.prompt_logprobs, msg.prompt_ids)
+    def start(self, msg: ipc.RequestStarted) -> Optional[ipc.ErrorOutput]:
+        """Set up the request's state; its ErrorOutput instead if that fails."""
+        try:
+            p = msg.params
+            detok = IncrementalDetokenizer(self.tok.decode, msg.prompt_tail, p.stop, p.skip_special_tokens)
+            self.states[msg.rid] = _ReqState(detok, p.logprobs or p.prompt_logprobs, msg.prompt_ids)
+        except Exception:
+            return self._fail(msg.rid, running=True)
+        return None
 
-    def process(self, out: ipc.TokenOutput) -> Optional[ipc.TextOutput]:
+    def process(self, out: ipc.TokenOutput) -> Union[ipc.TextOutput, ipc.ErrorOutput, None]:
+        """The request's next text output (None when there is nothing to send yet), or its
+        ErrorOutput if detokenizing failed."""
+        try:
+            return self._process(out)
+        except Exception:
+            return self._fail(out.rid, running=out.finish_reason is None)
+
+    def _fail(self, rid: str, running: bool) -> ipc.ErrorOutput:
+        logger.exception("detokenizing request %s failed; failing it", rid)
+        self.states.pop(rid, None)  # its later tokens are dropped
+        return ipc.ErrorOutput(rid, INTERNAL_ERROR, 500, abort_upstream=running)
+
+    def _process(self, out: ipc.TokenOutput) -> Optional[ipc.TextOutput]:
         state = self.states.get(out.rid)
         if state is None:
             return None
@@ -87,8 +116,8 @@ class DetokenizerWorker:
 def run_detokenizer(config: ServerConfig, paths: IpcPaths, info: ModelInfo, ready_conn) -> None:
     """Process entry point."""
     worker, inbox, (to_server,) = start_child(
-        "skiff-detok", config.log_level, ready_conn, lambda: DetokenizerWorker(TextTokenizer(info.tokenizer_path)),
-        paths.detokenizer, [paths.server])
+        "skiff-detok", config.log_level, ready_conn,
+        lambda: DetokenizerWorker(TextTokenizer(info.tokenizer_path, chat=False)), paths.detokenizer, [paths.server])
     decoder = ipc.make_decoder(ipc.SchedulerOutbound)
     while True:
         frames = [inbox.recv()]
@@ -98,15 +127,24 @@ def run_detokenizer(config: ServerConfig, paths: IpcPaths, info: ModelInfo, read
             except zmq.Again:
                 break
         texts: list[ipc.TextOutput] = []
+        errors: list[ipc.ErrorOutput] = []
         for frame in frames:
-            msg = decoder.decode(frame)
+            try:
+                msg = decoder.decode(frame)
+            except msgspec.DecodeError:  # the scheduler and this process disagree on the schema: our bug
+                logger.exception("dropped an undecodable message (%d bytes)", len(frame))
+                continue
             if isinstance(msg, ipc.BatchTokenOutput):
                 for out in msg.outputs:
-                    text = worker.process(out)
-                    if text is not None:
-                        texts.append(text)
+                    result = worker.process(out)
+                    if isinstance(result, ipc.ErrorOutput):
+                        errors.append(result)
+                    elif result is not None:
+                        texts.append(result)
             elif isinstance(msg, ipc.RequestStarted):
-                worker.start(msg)
+                error = worker.start(msg)
+                if error is not None:
+                    errors.append(error)
             else:
                 if texts:  # keep order: deltas before a control message that followed them
                     to_server.send(ipc.encode(ipc.BatchTextOutput(texts)))
@@ -114,3 +152,5 @@ def run_detokenizer(config: ServerConfig, paths: IpcPaths, info: ModelInfo, read
                 to_server.send(frame)
         if texts:
             to_server.send(ipc.encode(ipc.BatchTextOutput(texts)))
+        for error in errors:  # after the texts: a failed request's earlier deltas stay in order
+            to_server.send(ipc.encode(error))
