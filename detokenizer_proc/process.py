@@ -44,15 +44,17 @@ class DetokenizerWorker:
     `start` and `process` never raise for a request: a failure becomes that request's ErrorOutput.
     """
 
-    def __init__(self, tokenizer: TextTokenizer):
+    def __init__(self, tokenizer: TextTokenizer, decode_stream: bool = True):
         self.tok = tokenizer
+        # DecodeStream over the Rust tokenizer; else the Python offset algorithm over `decode`.
+        self._source = tokenizer.tokenizer if decode_stream else tokenizer.decode
         self.states: dict[str, _ReqState] = {}
 
     def start(self, msg: ipc.RequestStarted) -> Optional[ipc.ErrorOutput]:
         """Set up the request's state; its ErrorOutput instead if that fails."""
         try:
             p = msg.params
-            detok = IncrementalDetokenizer(self.tok.decode, msg.prompt_tail, p.stop, p.skip_special_tokens)
+            detok = IncrementalDetokenizer(self._source, msg.prompt_tail, p.stop, p.skip_special_tokens)
             self.states[msg.rid] = _ReqState(detok, p.logprobs or p.prompt_logprobs, msg.prompt_ids)
         except Exception:
             return self._fail(msg.rid, running=True)

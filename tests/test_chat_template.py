@@ -163,16 +163,31 @@ def test_tokenizer_worker_turns_its_own_bugs_into_500s(tok, caplog):
 # ----------------------------------------------------------------------------- detokenizer worker
 
 
-def test_detokenizer_worker_fails_one_request_and_goes_on(tok, caplog):
-    class Flaky(TextTokenizer):
+@pytest.mark.parametrize("decode_stream", [True, False], ids=["DecodeStream", "offsets"])
+def test_detokenizer_worker_fails_one_request_and_goes_on(tok, caplog, monkeypatch, decode_stream):
+    from tokenizers.decoders import DecodeStream
+
+    import detokenizer_proc.incremental as incremental
+
+    class FlakyStream:  # DecodeStream with a bug on token 666
+        def __init__(self, *args, **kwargs):
+            self._inner = DecodeStream(*args, **kwargs)
+
+        def step(self, tokenizer, ids):
+            if ids == 666 or (isinstance(ids, list) and 666 in ids):
+                raise RuntimeError("decoder bug")
+            return self._inner.step(tokenizer, ids)
+
+    class Flaky(TextTokenizer):  # TextTokenizer.decode with the same bug
         def decode(self, ids, skip_special_tokens=True):
             if 666 in ids:
                 raise RuntimeError("decoder bug")
             return super().decode(ids, skip_special_tokens)
 
+    monkeypatch.setattr(incremental, "DecodeStream", FlakyStream)
     flaky = Flaky.__new__(Flaky)
     flaky.__dict__.update(tok.__dict__)
-    worker = DetokenizerWorker(flaky)
+    worker = DetokenizerWorker(flaky, decode_stream=decode_stream)
     params = ipc.SamplingParams()
     for rid in ("bad", "good"):
         assert worker.start(ipc.RequestStarted(rid, params, [])) is None
