@@ -11,8 +11,8 @@ SentencePiece (a token's leading space depends on its left neighbour). Two decod
 
 Both hold back a decode that ends in U+FFFD (an incomplete multi-byte character) until the next
 token completes it; `flush` (the request is finishing) releases it as is. The concatenated text
-equals `decode(prompt_tail + output)` minus `decode(prompt_tail)`, which for byte-level BPE is
-`decode(output)`.
+equals `decode(context + output)` minus `decode(context)` (`left_context`: the prompt's tail),
+which for byte-level BPE is `decode(output)`.
 
 Stop strings are matched on the text, so they also match across token boundaries; text that
 could still become the start of a stop string is held back (`holdback.held_suffix_len`), and the
@@ -34,6 +34,16 @@ DecodeFn = Callable[[Sequence[int], bool], str]
 CONTEXT_TOKENS = 5  # prompt ids used as left context for the first output token, as vLLM does
 
 
+def left_context(decode: DecodeFn, prompt_tail: Sequence[int], skip_special_tokens: bool) -> list[int]:
+    """The prompt's last CONTEXT_TOKENS ids, less any trailing ids that end in an incomplete
+    character: output text is measured from the end of the context's text, so that text must be
+    final (DecodeStream would otherwise emit the context itself with the first output)."""
+    context = list(prompt_tail[-CONTEXT_TOKENS:])
+    while context and decode(context, skip_special_tokens).endswith("\ufffd"):
+        context.pop()
+    return context
+
+
 class TextDecoder(Protocol):
     """Token ids in, new text out, for one request."""
 
@@ -45,24 +55,43 @@ class TextDecoder(Protocol):
 
 
 class StreamDecoder:
-    """`DecodeStream` over a fast tokenizer. Ids outside [0, vocab_size) decode to nothing."""
+    """`DecodeStream` over a fast tokenizer. Ids outside [0, vocab_size) decode to nothing.
+
+    DecodeStream refuses (raises) when a window's text does not extend the previous one, which
+    invalid byte sequences (e.g. stray byte-fallback tokens) can cause; the request then goes on
+    with an `OffsetDecoder` from the last text it returned.
+    """
 
     def __init__(self, tokenizer: Tokenizer, prompt_tail: Sequence[int], skip_special_tokens: bool):
         self._tok = tokenizer
         self._skip = skip_special_tokens
         self._vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-        self._context = [i for i in prompt_tail[-CONTEXT_TOKENS:] if 0 <= i < self._vocab]
+        in_vocab = [i for i in prompt_tail if 0 <= i < self._vocab]
+        self._context = left_context(self._decode, in_vocab, skip_special_tokens)
         self._stream = DecodeStream(self._context, skip_special_tokens=skip_special_tokens)
         self._ids: list[int] = []  # every output id, for `flush`
         self._pending = 0  # how many of them the stream has not turned into text yet
         self._text_len = 0  # characters returned so far
+        self._fallback: Optional[OffsetDecoder] = None
+
+    def _decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def push(self, token_ids: Sequence[int]) -> str:
         ids = [i for i in token_ids if 0 <= i < self._vocab]
+        if self._fallback is not None:
+            return self._fallback.push(ids)
         if not ids:
             return ""
         self._ids += ids
-        text = self._stream.step(self._tok, ids if len(ids) > 1 else ids[0])
+        try:
+            text = self._stream.step(self._tok, ids if len(ids) > 1 else ids[0])
+        except Exception as e:  # tokenizers raises a bare Exception; only this one is expected
+            if "invalid prefix" not in str(e).lower():
+                raise
+            done = len(self._ids) - self._pending - len(ids)
+            self._fallback = OffsetDecoder(self._decode, self._context + self._ids[:done], self._skip)
+            return self._fallback.push(self._ids[done:])
         if text is None:
             self._pending += len(ids)
             return ""
@@ -71,6 +100,8 @@ class StreamDecoder:
         return text
 
     def flush(self) -> str:
+        if self._fallback is not None:
+            return self._fallback.flush()
         # DecodeStream cannot be flushed: decode the whole output once, only when something is held.
         if not self._pending:
             return ""
@@ -88,7 +119,7 @@ class OffsetDecoder:
     def __init__(self, decode: DecodeFn, prompt_tail: Sequence[int], skip_special_tokens: bool):
         self._decode = decode
         self._skip = skip_special_tokens
-        self.ids: list[int] = list(prompt_tail[-CONTEXT_TOKENS:])
+        self.ids: list[int] = left_context(decode, prompt_tail, skip_special_tokens)
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
 
