@@ -5,12 +5,16 @@ scheduler rank 0 --RequestStarted/BatchTokenOutput--> [detokenizer] --BatchTextO
 always exists when tokens come; tokens for a request it no longer knows (finished here by a stop
 string, then aborted upstream) are dropped. Other scheduler messages (stats, flush results, errors)
 are forwarded to the server unchanged.
+
+No request can end this process: an exception while starting or detokenizing one request fails
+that request alone (an `ErrorOutput` with status 500 and abort_upstream, its traceback logged),
+and its later tokens are dropped like those of any request it no longer knows.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Union
 
 from server import ipc
 from server.config import ServerConfig
@@ -28,19 +32,45 @@ class _ReqState:
         self.detok, self.logprobs, self.prompt_ids = detok, logprobs, prompt_ids
 
 
-class DetokenizerWorker:
-    """Per-request incremental detokenization; pure logic, no sockets."""
+INTERNAL_ERROR = "internal error while detokenizing the output; the request was aborted"
 
-    def __init__(self, tokenizer: TextTokenizer):
+
+class DetokenizerWorker:
+    """Per-request incremental detokenization; pure logic, no sockets.
+
+    `start` and `process` never raise for a request: a failure becomes that request's ErrorOutput.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, decode_stream: bool = True):
         self.tok = tokenizer
+        # DecodeStream over the Rust tokenizer; else the Python offset algorithm over `decode`.
+        self._source = tokenizer.tokenizer if decode_stream else tokenizer.decode
         self.states: dict[str, _ReqState] = {}
 
-    def start(self, msg: ipc.RequestStarted) -> None:
-        p = msg.params
-        detok = IncrementalDetokenizer(self.tok.decode, msg.prompt_tail, p.stop, p.skip_special_tokens)
-        self.states[msg.rid] = _ReqState(detok, p.logprobs or p.prompt_logprobs, msg.prompt_ids)
+    def start(self, msg: ipc.RequestStarted) -> Optional[ipc.ErrorOutput]:
+        """Set up the request's state; its ErrorOutput instead if that fails."""
+        try:
+            p = msg.params
+            detok = IncrementalDetokenizer(self._source, msg.prompt_tail, p.stop, p.skip_special_tokens)
+            self.states[msg.rid] = _ReqState(detok, p.logprobs or p.prompt_logprobs, msg.prompt_ids)
+        except Exception:
+            return self._fail(msg.rid, running=True)
+        return None
 
-    def process(self, out: ipc.TokenOutput) -> Optional[ipc.TextOutput]:
+    def process(self, out: ipc.TokenOutput) -> Union[ipc.TextOutput, ipc.ErrorOutput, None]:
+        """The request's next text output (None when there is nothing to send yet), or its
+        ErrorOutput if detokenizing failed."""
+        try:
+            return self._process(out)
+        except Exception:
+            return self._fail(out.rid, running=out.finish_reason is None)
+
+    def _fail(self, rid: str, running: bool) -> ipc.ErrorOutput:
+        logger.exception("detokenizing request %s failed; failing it", rid)
+        self.states.pop(rid, None)  # its later tokens are dropped
+        return ipc.ErrorOutput(rid, INTERNAL_ERROR, 500, abort_upstream=running)
+
+    def _process(self, out: ipc.TokenOutput) -> Optional[ipc.TextOutput]:
         state = self.states.get(out.rid)
         if state is None:
             return None
@@ -85,22 +115,31 @@ class DetokenizerWorker:
 def run_detokenizer(config: ServerConfig, paths: IpcPaths, info: ModelInfo, ready_conn) -> None:
     """Process entry point."""
     with start_child("skiff-detok", config.log_level, ready_conn,
-                     lambda: DetokenizerWorker(TextTokenizer(info.tokenizer_path)),
+                     lambda: DetokenizerWorker(TextTokenizer(info.tokenizer_path, chat=False)),
                      paths.detokenizer, ipc.SchedulerOutbound, [paths.server]) as child:
         worker, inbox, (to_server,) = child
         while True:
             texts: list[ipc.TextOutput] = []
+            errors: list[ipc.ErrorOutput] = []
             # Everything queued is handled at once, so one message carries many requests' deltas.
-            for frame in inbox.drain_frames():
-                msg = inbox.decode(frame)
+            for msg in inbox.drain():
                 if isinstance(msg, ipc.BatchTokenOutput):
-                    texts += filter(None, map(worker.process, msg.outputs))
+                    for out in msg.outputs:
+                        result = worker.process(out)
+                        if isinstance(result, ipc.ErrorOutput):
+                            errors.append(result)
+                        elif result is not None:
+                            texts.append(result)
                 elif isinstance(msg, ipc.RequestStarted):
-                    worker.start(msg)
+                    error = worker.start(msg)
+                    if error is not None:
+                        errors.append(error)
                 else:
                     if texts:  # keep order: deltas before a control message that followed them
                         to_server.put(ipc.BatchTextOutput(texts))
                         texts = []
-                    to_server.put_frame(frame)
+                    to_server.put(msg)
             if texts:
                 to_server.put(ipc.BatchTextOutput(texts))
+            for error in errors:  # after the texts: a failed request's earlier deltas stay in order
+                to_server.put(error)

@@ -29,7 +29,7 @@ from server.metrics import Metrics
 from server.process_util import IpcPaths, ModelInfo
 from server.protocol import ProtocolError, error_body
 from server.structured import ToolResponder, detect_tool_format
-from tokenizer_proc.tokenizer import read_chat_template
+from tokenizer_proc.tokenizer import read_chat_template, resolve_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,15 @@ def _error_response(status: int, message: str, type: str = "invalid_request_erro
 
 def _from_protocol_error(e: ProtocolError) -> JSONResponse:
     return _error_response(e.status, e.message, e.type, e.param, e.code)
+
+
+def _error_type(status: int) -> str:
+    """OpenAI's error type for a pipeline ErrorOutput's status (a 5xx is our fault, not the client's)."""
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def _pipeline_error(err: ipc.ErrorOutput, param: Optional[str] = None) -> JSONResponse:
+    return _error_response(err.status, err.message, _error_type(err.status), param or err.param)
 
 
 def _sse(obj) -> bytes:
@@ -153,7 +162,7 @@ def _usage(choices: list[_Choice], n: int) -> dict:
 
 def _choices_error(choices: list[_Choice]) -> Optional[JSONResponse]:
     bad = next((c.error for c in choices if c.error is not None), None)
-    return None if bad is None else _error_response(bad.status, bad.message, param=bad.param)
+    return None if bad is None else _pipeline_error(bad)
 
 
 def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
@@ -163,7 +172,9 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
     metrics = Metrics(model_name)
     created_at = int(time.time())
     # Whether the chat template renders tools itself, and the model's tool-call syntax.
-    tool_format = detect_tool_format(read_chat_template(info.tokenizer_path))
+    chat_template = (resolve_chat_template(config.chat_template) if config.chat_template
+                     else read_chat_template(info.tokenizer_path))
+    tool_format = detect_tool_format(chat_template)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -233,7 +244,7 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
         if error is not None:
             group.abort()  # the other prompts of a multi-prompt completion may be running
             group.close()
-            return None, _error_response(error.status, error.message, param=error.param)
+            return None, _pipeline_error(error)
         return first, None
 
     async def _collect(group: RequestGroup, first, request: Request, n: int):
@@ -288,7 +299,7 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
                 for i, text in deltas.items():
                     parts += emit(i, choices[i], text, i in finished)
                 if error is not None:
-                    parts.append(_sse(error_body(error.message, param=error.param)))
+                    parts.append(_sse(error_body(error.message, _error_type(error.status), error.param)))
                     parts.append(_DONE)
                     yield b"".join(parts)
                     group.abort()
@@ -403,7 +414,7 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
                 else:
                     res = await client.call(ipc.DetokenizeRequest(client.new_id(), p))
                     if isinstance(res, ipc.ErrorOutput):
-                        return _error_response(res.status, res.message, param="prompt")
+                        return _pipeline_error(res, "prompt")
                     echo_texts.append(res.prompt)
         n = plan.n
         gens = []
@@ -517,7 +528,7 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
         res = await client.call(ipc.TokenizeRequest(client.new_id(), req.prompt, msgs, add_special,
                                                     req.add_generation_prompt, req.return_token_strs))
         if isinstance(res, ipc.ErrorOutput):
-            return _error_response(res.status, res.message, param=res.param)
+            return _pipeline_error(res)
         body = {"count": len(res.tokens), "max_model_len": res.max_model_len, "tokens": res.tokens}
         if res.token_strs is not None:
             body["token_strs"] = res.token_strs
@@ -531,7 +542,7 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
         client = _client(request)
         res = await client.call(ipc.DetokenizeRequest(client.new_id(), req.tokens))
         if isinstance(res, ipc.ErrorOutput):
-            return _error_response(res.status, res.message, param=res.param)
+            return _pipeline_error(res)
         return {"prompt": res.prompt}
 
     return app

@@ -20,6 +20,7 @@ class ServerConfig:
     model: Optional[str] = None  # None: the embedded SmolLM2-135M-Instruct
     tokenizer: Optional[str] = None  # default: the model's own (dummy configs: the embedded one)
     served_model_name: Optional[str] = None
+    chat_template: Optional[str] = None  # a file path or an inline Jinja template
     load_format: str = "auto"  # auto | dummy
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
@@ -64,6 +65,9 @@ _HELP = {
     "--load-format dummy. Default: the embedded SmolLM2-135M-Instruct.",
     "tokenizer": "Tokenizer directory or hub id, if not the model's own "
     "(default for dummy configs without a tokenizer: the embedded SmolLM2 tokenizer).",
+    "chat_template": "Chat template for /v1/chat/completions and /tokenize, instead of the tokenizer's "
+    "own: a Jinja file path or the template itself inline (anything containing '{{', '{%' or '{#'). "
+    "Checked at start-up: a template that does not compile stops the server.",
     "served_model_name": "The model name clients send and /v1/models lists (default: --model).",
     "load_format": "auto: real weights; dummy: seeded random weights from the config.",
     "dtype": "Weight and activation dtype. auto: bfloat16 on GPU, bfloat16 on CPU (fastest there).",
@@ -137,6 +141,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ServerConfig:
         raise SystemExit("--page-size, --chunked-prefill-size and --max-running-requests must be >= 1")
     if not cfg.schedule_conservativeness >= 0:
         raise SystemExit("--schedule-conservativeness must be >= 0")
+    if cfg.chat_template is not None:
+        # Checked here so a bad flag fails before the model loads (jinja2 only, no torch).
+        from tokenizer_proc.tokenizer import ChatTemplateError, compile_chat_template, resolve_chat_template
+
+        try:
+            compile_chat_template(resolve_chat_template(cfg.chat_template))
+        except ChatTemplateError as e:
+            raise SystemExit(f"--chat-template: {e}") from None
     return cfg
 
 

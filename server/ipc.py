@@ -241,12 +241,17 @@ class DetokenizeResult(msgspec.Struct, tag=True):
 
 
 class ErrorOutput(msgspec.Struct, tag=True):
-    """A request (or control call) failed; `message` is shown to the client with `status`."""
+    """A request (or control call) failed; `message` is shown to the client with `status`.
+
+    abort_upstream: the request failed in the detokenizer while the scheduler may still run it;
+    the server must send an AbortRequest to free its KV (as for TextOutput).
+    """
 
     rid: str
     message: str
     status: int = 400
     param: Optional[str] = None
+    abort_upstream: bool = False
 
 
 class RequestStarted(msgspec.Struct, tag=True):

@@ -9,6 +9,7 @@ Light on purpose (stdlib + pyzmq + msgspec): the API server and the tokenizer im
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Generic, Optional, TypeVar
 
@@ -19,6 +20,7 @@ import zmq.asyncio
 from server import ipc
 
 M = TypeVar("M")
+logger = logging.getLogger(__name__)
 
 
 class PushQueue:
@@ -32,10 +34,6 @@ class PushQueue:
 
     def put(self, msg: msgspec.Struct) -> None:
         self.sock.send(ipc.encode(msg))
-
-    def put_frame(self, frame: bytes) -> None:
-        """Forward a message received elsewhere, still encoded."""
-        self.sock.send(frame)
 
 
 def _pull_socket(ctx: zmq.Context, addr: str, bind: bool) -> zmq.Socket:
@@ -91,8 +89,15 @@ class PullQueue(Generic[M]):
                 return frames
 
     def drain(self, timeout_ms: Optional[int] = None) -> list[M]:
-        """`drain_frames`, decoded."""
-        return [self.decoder.decode(f) for f in self.drain_frames(timeout_ms)]
+        """`drain_frames`, decoded. A frame that does not decode means two processes disagree on
+        the schema (our bug, not a client's): it is logged and dropped, and the process goes on."""
+        msgs = []
+        for frame in self.drain_frames(timeout_ms):
+            try:
+                msgs.append(self.decoder.decode(frame))
+            except msgspec.DecodeError:
+                logger.exception("dropped an undecodable message (%d bytes)", len(frame))
+        return msgs
 
 
 class AsyncPullQueue(Generic[M]):

@@ -2,19 +2,22 @@
 
 server --GenerateRequest/AbortRequest/FlushCacheRequest--> [tokenizer] --TokenizedRequest/...--> scheduler
 Everything is handled strictly in arrival order, so an abort never overtakes its request.
-Bad input becomes an `ErrorOutput` to the server (a 400 for the client), never a crash.
+No request can end this process: bad input becomes an `ErrorOutput` to the server (a 400 for the
+client), and an unexpected exception while handling one message an `ErrorOutput` with status 500
+(its traceback logged); the process then goes on with the next message.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple, Optional, Union
 
 import msgspec
 
 from server import ipc
 from server.config import ServerConfig
 from server.process_util import IpcPaths, ModelInfo, start_child
-from tokenizer_proc.tokenizer import TextTokenizer, TokenizerError
+from tokenizer_proc.tokenizer import TextTokenizer, TokenizerError, resolve_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +26,20 @@ class RequestError(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.message, self.param = message, param
+
+
+ToScheduler = Union[ipc.TokenizedRequest, ipc.AbortRequest, ipc.FlushCacheRequest]
+ToServer = Union[ipc.TokenizeResult, ipc.DetokenizeResult, ipc.ErrorOutput]
+
+
+class Routed(NamedTuple):
+    """What handling one inbound message produced: at most one message for each destination."""
+
+    to_scheduler: Optional[ToScheduler] = None
+    to_server: Optional[ToServer] = None
+
+
+INTERNAL_ERROR = "internal error in the tokenizer; the request was not run"
 
 
 class TokenizerWorker:
@@ -90,23 +107,45 @@ class TokenizerWorker:
         return ipc.DetokenizeResult(req.req_id, self.tok.decode(req.tokens, skip_special_tokens=False))
 
 
+    def handle(self, msg: ipc.TokenizerInbound) -> Routed:
+        """Handle one message; never raises for a request (its failure becomes an ErrorOutput)."""
+        try:
+            if isinstance(msg, ipc.GenerateRequest):
+                return Routed(to_scheduler=self.tokenize_generate(msg))
+            if isinstance(msg, (ipc.AbortRequest, ipc.FlushCacheRequest)):
+                return Routed(to_scheduler=msg)
+            if isinstance(msg, ipc.TokenizeRequest):
+                return Routed(to_server=self.tokenize(msg))
+            if isinstance(msg, ipc.DetokenizeRequest):
+                return Routed(to_server=self.detokenize(msg))
+            raise TypeError(f"unexpected message {type(msg).__name__}")
+        except RequestError as e:
+            return Routed(to_server=ipc.ErrorOutput(_reply_id(msg), e.message, 400, e.param))
+        except Exception:
+            logger.exception("failed to handle %s %s", type(msg).__name__, _reply_id(msg))
+            return Routed(to_server=ipc.ErrorOutput(_reply_id(msg), INTERNAL_ERROR, 500))
+
+
+def _reply_id(msg) -> str:
+    """The id the server waits on: `rid` for requests and aborts, `req_id` for control calls."""
+    return getattr(msg, "rid", None) or getattr(msg, "req_id", "")
+
+
+def build_worker(config: ServerConfig, info: ModelInfo) -> TokenizerWorker:
+    """The worker for this server: the model's tokenizer with --chat-template when given."""
+    template = resolve_chat_template(config.chat_template) if config.chat_template else None
+    return TokenizerWorker(TextTokenizer(info.tokenizer_path, chat_template=template), info)
+
+
 def run_tokenizer(config: ServerConfig, paths: IpcPaths, info: ModelInfo, ready_conn) -> None:
     """Process entry point."""
-    with start_child("skiff-tokenizer", config.log_level, ready_conn,
-                     lambda: TokenizerWorker(TextTokenizer(info.tokenizer_path), info),
+    with start_child("skiff-tokenizer", config.log_level, ready_conn, lambda: build_worker(config, info),
                      paths.tokenizer, ipc.TokenizerInbound, [paths.scheduler, paths.server]) as child:
         worker, inbox, (to_scheduler, to_server) = child
         while True:
             for msg in inbox.drain():
-                try:
-                    if isinstance(msg, ipc.GenerateRequest):
-                        to_scheduler.put(worker.tokenize_generate(msg))
-                    elif isinstance(msg, (ipc.AbortRequest, ipc.FlushCacheRequest)):
-                        to_scheduler.put(msg)
-                    elif isinstance(msg, ipc.TokenizeRequest):
-                        to_server.put(worker.tokenize(msg))
-                    elif isinstance(msg, ipc.DetokenizeRequest):
-                        to_server.put(worker.detokenize(msg))
-                except RequestError as e:
-                    rid = msg.rid if isinstance(msg, ipc.GenerateRequest) else msg.req_id
-                    to_server.put(ipc.ErrorOutput(rid, e.message, 400, e.param))
+                routed = worker.handle(msg)
+                if routed.to_scheduler is not None:
+                    to_scheduler.put(routed.to_scheduler)
+                if routed.to_server is not None:
+                    to_server.put(routed.to_server)
