@@ -29,11 +29,12 @@ logger = logging.getLogger(__name__)
 
 
 class EngineError(ValueError):
-    """A request the engine cannot serve (bad input); `message` is safe to show to the client."""
+    """A request the engine cannot serve; `message` is safe to show to the client. `status` 400 is
+    bad input, 503 an engine too busy to queue it (the client may retry)."""
 
-    def __init__(self, message: str, param: Optional[str] = None):
+    def __init__(self, message: str, param: Optional[str] = None, status: int = 400):
         super().__init__(message)
-        self.message, self.param = message, param
+        self.message, self.param, self.status = message, param, status
 
 
 @dataclass
@@ -116,6 +117,10 @@ class Engine:
     # ------------------------------------------------------------------ request intake
 
     def add_request(self, req: TokenizedRequest) -> None:
+        limit = self.config.max_queued_requests
+        if limit is not None and self.num_waiting >= limit:
+            raise EngineError(f"the server is overloaded: {self.num_waiting} requests are already waiting "
+                              f"(--max-queued-requests {limit}); retry later", status=503)
         p = req.params
         ids = req.input_ids
         if req.rid in self.requests:
@@ -312,10 +317,16 @@ class Engine:
                     self._retire(req)
             elif req.num_resolved == 1 and req in self.scheduler.running:
                 self.scheduler.cache_prefix(req)
-            if req.finished or req.stream:
+            if req.finished or (req.stream and self._stream_due(req)):
                 outputs.append(self._output(req))
         self.num_steps += 1
         return outputs
+
+    def _stream_due(self, req: Req) -> bool:
+        """A streaming request's new tokens go out at its first token (TTFT) and then every
+        `--stream-interval` tokens: fewer, larger outputs cost less IPC and detokenizing per token."""
+        unsent = req.num_resolved - req.sent_tokens
+        return unsent > 0 and (req.sent_tokens == 0 or unsent >= self.config.stream_interval)
 
     def _retire(self, req: Req) -> None:
         self.scheduler.remove(req)
@@ -425,10 +436,15 @@ class Engine:
         usable = self.runner.num_pages - 1
         return (usable - self.allocator.num_free - self.cache.num_evictable_pages) / usable
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests admitted but not running: queued for a batch or for their grammar."""
+        return len(self.scheduler.waiting) + (self._grammar.num_waiting if self._grammar else 0)
+
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting) + (self._grammar.num_waiting if self._grammar else 0),
+            num_waiting=self.num_waiting,
             kv_usage=self.kv_usage(), prefix_cache_tokens=self.cache.num_evictable_pages * self.page_size,
             cache_hit_rate=self.scheduler.hit_rate, num_retractions=self.scheduler.num_retractions,
             num_evicted_pages=self.scheduler.num_evicted_pages, **self._grammar_stats(),

@@ -78,7 +78,7 @@ class SchedulerLoop:
             try:
                 self.engine.add_request(msg)
             except EngineError as e:
-                self._emit(ipc.ErrorOutput(msg.rid, e.message, 400, e.param))
+                self._emit(ipc.ErrorOutput(msg.rid, e.message, e.status, e.param))
             else:
                 self._emit(ipc.RequestStarted(msg.rid, msg.params, msg.input_ids[-5:],
                                               msg.input_ids if msg.params.prompt_logprobs else None))

@@ -42,9 +42,13 @@ class ClientGone(Exception):
     pass
 
 
+RETRY_AFTER_S = 1  # what a 503 (overloaded, stopping) tells clients to wait before retrying
+
+
 def _error_response(status: int, message: str, type: str = "invalid_request_error",
                     param: Optional[str] = None, code: Optional[str] = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type, param, code), status_code=status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
 
 
 def _from_protocol_error(e: ProtocolError) -> JSONResponse:
@@ -53,6 +57,8 @@ def _from_protocol_error(e: ProtocolError) -> JSONResponse:
 
 def _error_type(status: int) -> str:
     """OpenAI's error type for a pipeline ErrorOutput's status (a 5xx is our fault, not the client's)."""
+    if status == 503:
+        return "service_unavailable"
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
@@ -498,11 +504,11 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
     async def health(request: Request):
         client = _client(request)
         fresh = client.stats is not None and time.monotonic() - client.stats_at < HEALTH_STALE_S
-        if client.dead is None and children_alive() and fresh:
+        if client.dead is None and not client.draining and children_alive() and fresh:
             return {"status": "ok"}
-        return _error_response(503, "not ready: " + (client.dead or ("a process is not alive" if not children_alive()
-                                                                     else "no heartbeat from the scheduler")),
-                               "service_unavailable")
+        reason = (client.dead or ("shutting down" if client.draining else None)
+                  or ("a process is not alive" if not children_alive() else "no heartbeat from the scheduler"))
+        return _error_response(503, "not ready: " + reason, "service_unavailable")
 
     @app.get("/metrics")
     async def metrics_route():

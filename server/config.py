@@ -36,7 +36,9 @@ class ServerConfig:
     page_size: int = 1
     chunked_prefill_size: Optional[int] = None  # default: 8192 on CUDA, 2048 on CPU
     max_running_requests: int = 1024
+    max_queued_requests: Optional[int] = None
     schedule_conservativeness: float = 1.0
+    stream_interval: int = 1
     max_total_tokens: Optional[int] = None
     mem_fraction_static: float = 0.85
     attention_backend: str = "auto"  # auto | flashinfer | triton | torch
@@ -85,10 +87,14 @@ _HELP = {
     "(default: 8192 on a GPU, where it keeps the prefill GEMMs efficient; 2048 on CPU).",
     "max_running_requests": "Most requests running at once (fewer when the KV pool cannot also hold their "
     "expected output).",
+    "max_queued_requests": "Most requests waiting for a batch; one more gets 503 with Retry-After "
+    "(default: no limit).",
     "schedule_conservativeness": "Scales the KV admission sets aside for running requests' expected "
     "output (the share of max_tokens finished requests used). Lower admits more requests at the risk of "
     "retracting some when the pool runs dry; raise it if requests are retracted often; 0 reserves "
     "prompt pages only.",
+    "stream_interval": "Streaming requests get their new tokens every this many tokens (the first one at once): "
+    "1 streams each token as soon as it is sampled; larger values trade smoothness for throughput.",
     "max_total_tokens": "KV pool size in tokens (default: from --mem-fraction-static).",
     "mem_fraction_static": "Fraction of device memory for weights plus KV pool.",
     "attention_backend": "auto, flashinfer, triton or torch.",
@@ -137,8 +143,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ServerConfig:
     ns = build_parser().parse_args(argv)
     cfg = ServerConfig(**vars(ns))
     chunk = cfg.chunked_prefill_size
-    if cfg.page_size < 1 or (chunk is not None and chunk < 1) or cfg.max_running_requests < 1:
-        raise SystemExit("--page-size, --chunked-prefill-size and --max-running-requests must be >= 1")
+    if (cfg.page_size < 1 or (chunk is not None and chunk < 1) or cfg.max_running_requests < 1
+            or cfg.stream_interval < 1 or (cfg.max_queued_requests is not None and cfg.max_queued_requests < 0)):
+        raise SystemExit("--page-size, --chunked-prefill-size, --max-running-requests and --stream-interval "
+                         "must be >= 1, --max-queued-requests >= 0")
     if not cfg.schedule_conservativeness >= 0:
         raise SystemExit("--schedule-conservativeness must be >= 0")
     if cfg.chat_template is not None:

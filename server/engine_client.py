@@ -87,6 +87,7 @@ class EngineClient:
         self.stats: Optional[ipc.SchedulerStats] = None
         self.stats_at = 0.0
         self.dead: Optional[str] = None
+        self.draining = False  # SIGTERM: requests in flight finish, new ones are refused (503)
         self._ids = itertools.count()
         self._prefix = os.urandom(4).hex()
         self._task: Optional[asyncio.Task] = None
@@ -112,9 +113,19 @@ class EngineClient:
 
     # ------------------------------------------------------------------ requests
 
-    def generate(self, requests: list[ipc.GenerateRequest]) -> RequestGroup:
+    @property
+    def num_unfinished(self) -> int:
+        """Sub-requests sent to the pipeline whose final output has not arrived."""
+        return len(self.groups)
+
+    def _check_accepting(self) -> None:
         if self.dead is not None:
             raise EngineDead(self.dead)
+        if self.draining:
+            raise EngineDead("it drains the requests in flight and accepts no new ones")
+
+    def generate(self, requests: list[ipc.GenerateRequest]) -> RequestGroup:
+        self._check_accepting()
         group = RequestGroup(self, [r.rid for r in requests])
         for r in requests:
             self.groups[r.rid] = group
@@ -132,8 +143,7 @@ class EngineClient:
     async def call(self, msg: Union[ipc.TokenizeRequest, ipc.DetokenizeRequest, ipc.FlushCacheRequest],
                    timeout_s: float = 30.0):
         """Send a control request and wait for its result (or ErrorOutput) by `req_id`."""
-        if self.dead is not None:
-            raise EngineDead(self.dead)
+        self._check_accepting()
         fut = asyncio.get_running_loop().create_future()
         self.calls[msg.req_id] = fut
         try:

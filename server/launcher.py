@@ -4,8 +4,8 @@ Startup: a private 0700 directory for the ipc:// sockets; scheduler ranks first 
 the model's context length, vocabulary and tokenizer), then tokenizer and detokenizer; each child
 reports on its own ready pipe. Then uvicorn serves the app in this process.
 
-Shutdown: SIGTERM/SIGINT stop accepting connections, give in-flight requests a grace period,
-then abort what is left (clients get finish_reason "abort"); the children are stopped and the
+Shutdown: SIGTERM/SIGINT drain: requests in flight get a grace period while new ones get 503,
+then what is left is aborted (clients get finish_reason "abort"); the children are stopped and the
 process exits 0. If any child dies, everything is stopped and the process exits 1 within seconds.
 Children are started with the spawn method and die with this process (see process_util.setup_child).
 """
@@ -23,6 +23,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Optional
 
@@ -46,7 +47,22 @@ class _StopRequested(Exception):
 
 def _child_main(module: str, func: str, *args) -> None:
     # Importing the entry point here, in the child, keeps torch out of the supervisor.
-    getattr(importlib.import_module(module), func)(*args)
+    code = 1
+    try:
+        getattr(importlib.import_module(module), func)(*args)
+        code = 0
+    except SystemExit as e:  # SIGTERM (setup_child turns it into SystemExit(0))
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        # The entry point has closed its sockets by now. Skip the interpreter's teardown: its final
+        # garbage collection over a large engine's objects takes seconds, past the supervisor's
+        # patience, and nothing else is left to flush but the logs.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 @dataclass
@@ -56,11 +72,18 @@ class _Child:
 
 
 class _HttpServer(uvicorn.Server):
-    """uvicorn with a ready announcement and an abort of stragglers when the grace period ends."""
+    """uvicorn with a ready announcement and a draining stop.
 
-    def __init__(self, config: uvicorn.Config, grace_s: float, on_ready, on_grace_over):
+    On SIGTERM/SIGINT the listener stays open for the grace period: requests in flight run on,
+    new ones get 503 with Retry-After (`begin_drain`), and /health says 503 so load balancers
+    move away. Once nothing is in flight, or the grace period is over (the stragglers are then
+    aborted and get finish_reason "abort"), uvicorn's own shutdown closes the connections.
+    """
+
+    def __init__(self, config: uvicorn.Config, grace_s: float, on_ready, begin_drain, num_in_flight, abort_all):
         super().__init__(config)
-        self.grace_s, self.on_ready, self.on_grace_over = grace_s, on_ready, on_grace_over
+        self.grace_s, self.on_ready = grace_s, on_ready
+        self.begin_drain, self.num_in_flight, self.abort_all = begin_drain, num_in_flight, abort_all
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -72,11 +95,15 @@ class _HttpServer(uvicorn.Server):
             self.on_ready(port)
 
     async def shutdown(self, sockets=None) -> None:
-        handle = asyncio.get_running_loop().call_later(self.grace_s, self.on_grace_over)
-        try:
-            await super().shutdown(sockets)
-        finally:
-            handle.cancel()
+        self.begin_drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace_s
+        while self.num_in_flight() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.num_in_flight():
+            logger.warning("grace period over: aborting the %d requests still running", self.num_in_flight())
+            self.abort_all()
+        await super().shutdown(sockets)
 
 
 SCHEDULER_ENTRY = ("scheduler_proc.process", "run_scheduler")
@@ -211,16 +238,26 @@ class Supervisor:
             pids = ", ".join(f"{c.name} {c.proc.pid}" for c in self.children)
             print(f"Skiff is serving {cfg.model_name} on http://{cfg.host}:{port} (processes: {pids})", flush=True)
 
-        def on_grace_over() -> None:
-            client = getattr(app.state, "client", None)
-            if client is not None:
-                logger.warning("grace period over: aborting the requests still running")
-                client.abort_all()
+        def client():  # None until the app's lifespan started it
+            return getattr(app.state, "client", None)
 
+        def begin_drain() -> None:
+            if client() is not None:
+                client().draining = True
+
+        def num_in_flight() -> int:
+            return client().num_unfinished if client() is not None else 0
+
+        def abort_all() -> None:
+            if client() is not None:
+                client().abort_all()
+
+        # uvicorn's own grace (after ours) only lets the aborted streams send their last chunks.
         uv_config = uvicorn.Config(app, host=cfg.host, port=cfg.port, loop="uvloop", http="httptools",
                                    log_level=cfg.log_level, access_log=False, lifespan="on",
-                                   timeout_graceful_shutdown=cfg.graceful_shutdown_timeout + 3.0)
-        server = _HttpServer(uv_config, cfg.graceful_shutdown_timeout, on_ready, on_grace_over)
+                                   timeout_graceful_shutdown=3.0)
+        server = _HttpServer(uv_config, cfg.graceful_shutdown_timeout, on_ready, begin_drain, num_in_flight,
+                             abort_all)
         # uvicorn's loop choice (uvloop) applies to the loop we create here, not to asyncio.run's.
         loop = (uv_config.get_loop_factory() or asyncio.new_event_loop)()
 
@@ -231,9 +268,8 @@ class Supervisor:
             child.proc.join(0.1)
             logger.error("the %s process died (exit code %s); shutting down", child.name, child.proc.exitcode)
             self.exit_code = 1
-            client = getattr(app.state, "client", None)
-            if client is not None:
-                client.fail_all(f"the {child.name} process died")
+            if client() is not None:
+                client().fail_all(f"the {child.name} process died")
             server.should_exit = server.force_exit = True
 
         for child in self.children:

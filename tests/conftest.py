@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -59,23 +60,45 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def all_exit(pids, timeout_s: float = 5.0) -> bool:
+    """True once none of `pids` runs (multiprocessing's resource tracker leaves just after its parent)."""
+    deadline = time.monotonic() + timeout_s
+    while any(pid_alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def sse_events(lines) -> list:
+    """Parsed `data:` payloads of an SSE body ("[DONE]" kept as a string)."""
+    events = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[6:]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
 class SkiffServer:
     """`python -m server ...` on a free port; `start()` returns once /health says 200.
 
     Runs on the CPU in float32 unless `device` / `dtype` say otherwise (the GPU tests)."""
 
-    def __init__(self, *args: str, api_key: Optional[str] = None, device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, *args: str, api_key: Optional[str] = None, device: str = "cpu", dtype: str = "float32",
+                 env: Optional[dict] = None):
         self.port = free_port()
         self.args = ["--dtype", dtype, "--device", device, "--port", str(self.port), *args]
         if api_key:
             self.args += ["--api-key", api_key]
         self.api_key = api_key
+        self.env = env or {}
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: Optional[subprocess.Popen] = None
         self.log: list[str] = []
 
     def start(self, timeout_s: float = 600.0) -> "SkiffServer":
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen([sys.executable, "-m", "server", *self.args], cwd=REPO, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._pump, daemon=True).start()
@@ -111,6 +134,17 @@ class SkiffServer:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+    def wait_idle(self, timeout_s: float = 5.0) -> dict[str, float]:
+        """/metrics once nothing runs or waits."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            m = self.metrics()
+            if m["skiff:num_running_requests"] == 0 and m["skiff:num_waiting_requests"] == 0:
+                return m
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server still busy: {m}")
+            time.sleep(0.05)
 
     def metrics(self) -> dict[str, float]:
         """Unlabelled view of /metrics: metric name -> value (last sample wins)."""

@@ -344,13 +344,18 @@ def _run_tiny(model: LlamaForCausalLM, ids: list[int]) -> torch.Tensor:
     return torch.cat([runner.step({"s": ids[:9]})["s"]] + [runner.step({"s": [t]})["s"] for t in ids[9:]])
 
 
-def _tp_worker(rank: int, world: int, port: int, config_dicts: list[dict], ids: list[int], queue) -> None:
+def _tp_worker(rank: int, world: int, rendezvous: str, config_dicts: list[dict], ids: list[int], queue) -> None:
+    import datetime
+
     import torch.distributed as dist
     from transformers import AutoConfig
 
     from scheduler_proc.models.loader import ModelSpec
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file rendezvous, as the server's ranks use: a free TCP port picked beforehand can be taken
+    # by another process before rank 0 binds it.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=5))
     try:
         torch.set_num_threads(1)
         for config_dict in config_dicts:
@@ -368,11 +373,9 @@ def _tp_worker(rank: int, world: int, port: int, config_dicts: list[dict], ids: 
         dist.destroy_process_group()
 
 
-def test_tensor_parallel_matches_single_rank():
+def test_tensor_parallel_matches_single_rank(tmp_path):
     """tp=2 over gloo: split KV heads (2 over 2 ranks) and a replicated KV head (1 over 2 ranks),
     an odd vocabulary (padded to 2 x 128 and trimmed), dummy weights identical for any tp."""
-    import socket
-
     from transformers import LlamaConfig
 
     from scheduler_proc.models.loader import ModelSpec
@@ -386,12 +389,10 @@ def test_tensor_parallel_matches_single_rank():
         refs.append(_run_tiny(load_model(spec, ServerConfig(load_format="dummy", seed=5), "cpu", torch.float32),
                               ids))
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_tp_worker, args=(r, 2, port, [c.to_dict() for c in configs], ids, queue))
+    rendezvous = str(tmp_path / "tp_rendezvous")
+    procs = [ctx.Process(target=_tp_worker, args=(r, 2, rendezvous, [c.to_dict() for c in configs], ids, queue))
              for r in range(2)]
     for p in procs:
         p.start()

@@ -7,7 +7,6 @@ the supervision tests (child death, SIGTERM, API key) start their own.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import threading
@@ -17,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import SERVER_MAX_MODEL_LEN, SkiffServer, pid_alive
+from conftest import SERVER_MAX_MODEL_LEN, SkiffServer, all_exit, sse_events
 from server.bench.tokenizer import chat_token_ids
 
 pytestmark = pytest.mark.slow
@@ -43,37 +42,6 @@ def engine():
 
 def _chat(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
-
-
-def _sse_events(lines) -> list:
-    """Parsed `data:` payloads of an SSE body ("[DONE]" kept as a string)."""
-    events = []
-    for line in lines:
-        if line.startswith("data: "):
-            data = line[6:]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
-
-
-def _wait_idle(server: SkiffServer, timeout_s: float = 5.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        m = server.metrics()
-        if m["skiff:num_running_requests"] == 0 and m["skiff:num_waiting_requests"] == 0:
-            return m
-        if time.monotonic() > deadline:
-            raise AssertionError(f"server still busy: {m}")
-        time.sleep(0.05)
-
-
-def _all_exit(pids, timeout_s: float = 5.0) -> bool:
-    """True once none of `pids` runs (multiprocessing's resource tracker leaves just after its parent)."""
-    deadline = time.monotonic() + timeout_s
-    while any(pid_alive(p) for p in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 # ----------------------------------------------------------------------------- basics
@@ -151,7 +119,7 @@ def test_stream_include_usage_and_done(server, model):
             "stream_options": {"include_usage": True}}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = _sse_events(r.iter_lines())
+        events = sse_events(r.iter_lines())
     assert events[-1] == "[DONE]"
     final = events[-2]
     assert final["choices"] == [] and final["usage"]["completion_tokens"] == 7
@@ -232,7 +200,7 @@ def test_stop_strings_across_token_boundaries(server, client, model, engine):
     assert chunks[-1].choices[0].finish_reason == "stop"
     comp = client.completions.create(model=model, prompt=ids, temperature=0, max_tokens=20, stop=stop)
     assert comp.choices[0].text == expected and comp.choices[0].finish_reason == "stop"
-    _wait_idle(server)  # the stop string freed the scheduler's request
+    server.wait_idle()  # the stop string freed the scheduler's request
 
 
 def test_shared_system_prompt_reports_cached_tokens(client, model):
@@ -271,7 +239,7 @@ def test_32_concurrent_streams(server, model):
     results = asyncio.run(main())
     assert len(results) == 32
     assert all(text and finish in ("stop", "length") for text, finish in results)
-    _wait_idle(server)
+    server.wait_idle()
 
 
 def test_disconnect_frees_kv(server, model):
@@ -286,13 +254,13 @@ def test_disconnect_frees_kv(server, model):
                     break
         r.close()
     t0 = time.monotonic()
-    _wait_idle(server, timeout_s=1.5)
+    server.wait_idle(timeout_s=1.5)
     assert time.monotonic() - t0 < 1.5
     # A non-streaming client that gives up is noticed too.
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=2.0)
     t0 = time.monotonic()
-    _wait_idle(server, timeout_s=1.5)
+    server.wait_idle(timeout_s=1.5)
     assert time.monotonic() - t0 < 1.5
     res = httpx.post(server.url + "/flush_cache", timeout=30)
     assert res.status_code == 200, res.text
@@ -309,7 +277,7 @@ def test_flush_cache_refused_while_running(server, model):
         res = httpx.post(server.url + "/flush_cache", timeout=30)
         assert next(line for line in lines if line.startswith("data: "))  # still streaming
     assert res.status_code == 400 and "running" in res.json()["error"]["message"]
-    _wait_idle(server)
+    server.wait_idle()
 
 
 def test_tokenize_detokenize(server, model, engine):
@@ -408,7 +376,7 @@ def test_api_key_and_scheduler_death():
             try:
                 with httpx.stream("POST", srv.url + "/v1/completions", json=long, timeout=30,
                                   headers={"Authorization": "Bearer sekret"}) as r:
-                    events.extend(_sse_events(r.iter_lines()))
+                    events.extend(sse_events(r.iter_lines()))
             except httpx.HTTPError:
                 events.append("transport error")
 
@@ -421,15 +389,15 @@ def test_api_key_and_scheduler_death():
         assert time.monotonic() - t0 < 5.0
         assert code != 0
         t.join(10)
-        assert _all_exit(kids.values())
+        assert all_exit(kids.values())
         assert events and events[-1] == "[DONE]" and "error" in events[-2], events[-3:]
     finally:
         srv.stop()
 
 
 def test_sigterm_drains_and_exits_zero():
-    """SIGTERM: a short in-flight request finishes normally, one that outlives the grace period is
-    aborted (finish_reason "abort", then [DONE]); exit code 0 and no process left behind."""
+    """SIGTERM: a short in-flight request finishes normally, new requests get 503, one that outlives
+    the grace period is aborted (finish_reason "abort", then [DONE]); exit code 0 and no process left."""
     srv = SkiffServer("--graceful-shutdown-timeout", "10").start()
     try:
         kids = srv.children()  # also multiprocessing's resource tracker
@@ -441,7 +409,7 @@ def test_sigterm_drains_and_exits_zero():
             body = {"prompt": "Tell me a story.", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
             with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
                 for line in r.iter_lines():
-                    results[name] += _sse_events([line])
+                    results[name] += sse_events([line])
                     if results[name]:
                         started[name].set()
 
@@ -451,13 +419,19 @@ def test_sigterm_drains_and_exits_zero():
             t.start()
         assert started["short"].wait(60) and started["long"].wait(60)
         srv.proc.send_signal(signal.SIGTERM)
+        # While it drains, the listener stays open: new requests and /health get 503 + Retry-After.
+        time.sleep(0.5)
+        refused = httpx.post(srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=10)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        assert refused.json()["error"]["type"] == "service_unavailable"
+        assert httpx.get(srv.url + "/health", timeout=10).status_code == 503
         for t in threads:
             t.join(40)
         assert srv.proc.wait(30) == 0
         short, long = results["short"], results["long"]
         assert short[-1] == "[DONE]" and short[-2]["choices"][0]["finish_reason"] == "length"
         assert long[-1] == "[DONE]" and long[-2]["choices"][0]["finish_reason"] == "abort"
-        assert _all_exit(kids.values())
+        assert all_exit(kids.values())
     finally:
         srv.stop()
 
@@ -481,6 +455,6 @@ def test_tensor_parallel_two_ranks_and_parent_death():
         # The supervisor dies without any chance to clean up: its children must not outlive it.
         srv.proc.kill()
         srv.proc.wait(10)
-        assert _all_exit(kids.values())
+        assert all_exit(kids.values())
     finally:
         srv.stop()
