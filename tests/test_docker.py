@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -288,6 +289,10 @@ def test_compose_deployment_end_to_end():
     reason = _docker_test_skip_reason()
     if reason:
         pytest.skip(reason)
-    proc = subprocess.run(["bash", str(DOCKER / "test-compose.sh")], capture_output=True, text=True, timeout=880)
+    # The script's client (OpenAI SDK, httpx) and host pip run on this interpreter.
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(DOCKER / "test-compose.sh")], capture_output=True, text=True, timeout=880,
+                          env=env)
+    print(proc.stdout)  # the step timings, shown with -s
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "PASS" in proc.stdout
