@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -64,7 +65,7 @@ class ServerConfig:
 
 _HELP = {
     "model": "Hugging Face model directory or hub id, or a config.json / directory with "
-    "--load-format dummy. Default: the embedded SmolLM2-135M-Instruct.",
+    f"--load-format dummy. Default (or {EMBEDDED_MODEL_NAME}): the embedded SmolLM2-135M-Instruct.",
     "tokenizer": "Tokenizer directory or hub id, if not the model's own "
     "(default for dummy configs without a tokenizer: the embedded SmolLM2 tokenizer).",
     "chat_template": "Chat template for /v1/chat/completions and /tokenize, instead of the tokenizer's "
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> ServerConfig:
     ns = build_parser().parse_args(argv)
     cfg = ServerConfig(**vars(ns))
+    if cfg.model == EMBEDDED_MODEL_NAME and not os.path.exists(cfg.model):
+        # The embedded model's name selects it explicitly (compose passes --model=${SKIFF_MODEL:-<name>}).
+        cfg = cfg.replace(model=None)
     chunk = cfg.chunked_prefill_size
     if (cfg.page_size < 1 or (chunk is not None and chunk < 1) or cfg.max_running_requests < 1
             or cfg.stream_interval < 1 or (cfg.max_queued_requests is not None and cfg.max_queued_requests < 0)):
