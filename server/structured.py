@@ -26,8 +26,8 @@ Call syntaxes (`CallSyntax`): what the grammar forces and the parser reads.
   `{"name": "get_weather", "parameters": {"city": "Paris"}}`, parallel calls separated by "; ".
 
 With `tool_choice` "required" the output is one or more calls separated by the syntax's separator
-and nothing else (exactly one when `parallel_tool_calls` is false); a named tool_choice is the same
-with only that function allowed. With "auto" the model writes free text; in Hermes syntax, once it
+and nothing else (exactly one when `parallel_tool_calls` is false); a named tool_choice is exactly
+one call of that function. With "auto" the model writes free text; in Hermes syntax, once it
 writes `<tool_call>` the rest of that call is forced to be valid (Llama's calls have no opening
 that tells them from an ordinary JSON answer, so there "auto" is parsed, not constrained). The one
 parser below reads all of these back: Hermes blocks anywhere in the text, and a bare JSON call
@@ -404,6 +404,7 @@ class ToolPlan:
     """How a request with `tools` is served.
 
     mode: "none" (tools ignored), "auto", "required" or "named" (only `functions[0]`).
+    parallel: whether more than one call is allowed (never for "named").
     grammar: the constraint for the output (None: unconstrained).
     parse: whether to read tool calls back out of the output.
     """
@@ -489,7 +490,9 @@ def plan_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: Optiona
         return None
     functions = parse_tools(tools)
     mode, named = _tool_choice(tool_choice, {f.name for f in functions})
-    parallel = parallel_tool_calls is not False
+    # A named tool_choice is one call of that function (as in vLLM): its grammar ends after the
+    # call, so the request finishes "tool_calls" instead of repeating the call until "length".
+    parallel = parallel_tool_calls is not False and mode != "named"
     if mode == "none":
         return ToolPlan(tuple(functions), "none", parallel, None, parse=False)
     if mode == "named":
@@ -646,10 +649,13 @@ class ToolCallStreamParser:
     could still be the start of a `<tool_call>` is held back; whitespace around calls is dropped;
     an output that starts (after blanks) with '{', '[' or `<|python_tag|>` is held to the end and,
     if it is a bare JSON call (or list of calls), becomes calls, else content.
+    max_calls: calls beyond this many are dropped (`parallel_tool_calls: false` is 1, also where
+    no grammar enforces it, e.g. Llama 3 JSON calls under "auto"); None: no limit.
     """
 
-    def __init__(self, tool_names: Sequence[str]):
+    def __init__(self, tool_names: Sequence[str], max_calls: Optional[int] = None):
         self._names = frozenset(tool_names)
+        self._max_calls = max_calls
         self._buf = ""
         self._in_call = False
         self._bare_json: Optional[bool] = None  # undecided until the first non-blank character
@@ -741,6 +747,8 @@ class ToolCallStreamParser:
 
     def _emit_calls(self, calls: list[ToolCall]) -> list[StreamEvent]:
         events: list[StreamEvent] = []
+        if self._max_calls is not None:
+            calls = calls[:max(0, self._max_calls - len(self.calls))]
         for call in calls:
             events.append(ToolCallDelta(self._index, call, "head"))
             events.append(ToolCallDelta(self._index, call, "arguments"))
@@ -756,9 +764,9 @@ def _loads_or_none(text: str) -> Any:
         return None
 
 
-def parse_tool_calls(text: str, tool_names: Sequence[str]) -> ToolParseResult:
-    """Split a complete output into content (None if empty) and tool calls."""
-    parser = ToolCallStreamParser(tool_names)
+def parse_tool_calls(text: str, tool_names: Sequence[str], max_calls: Optional[int] = None) -> ToolParseResult:
+    """Split a complete output into content (None if empty) and tool calls (at most max_calls)."""
+    parser = ToolCallStreamParser(tool_names, max_calls)
     events = parser.feed(text) + parser.finish()
     content = "".join(e.text for e in events if isinstance(e, ContentDelta)).strip()
     return ToolParseResult(content or None, list(parser.calls))
@@ -783,7 +791,8 @@ class ToolResponder:
     def __init__(self, plan: Optional[ToolPlan]):
         self._parse = plan is not None and plan.parse
         self._names = sorted(plan.names) if self._parse else []
-        self._parser = ToolCallStreamParser(self._names) if self._parse else None
+        self._max_calls = None if not self._parse or plan.parallel else 1
+        self._parser = ToolCallStreamParser(self._names, self._max_calls) if self._parse else None
         self.calls: list[ToolCall] = []
 
     @property
@@ -793,7 +802,7 @@ class ToolResponder:
     def message(self, text: str) -> dict:
         if not self._parse:
             return {"content": text}
-        result = parse_tool_calls(text, self._names)
+        result = parse_tool_calls(text, self._names, self._max_calls)
         self.calls = result.calls
         msg: dict = {"content": result.content}
         if result.calls:

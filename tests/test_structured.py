@@ -165,6 +165,24 @@ def test_tool_plans():
     assert [t["begin"] for t in tags] == ['<tool_call>\n{"name": "get_weather", "arguments": ']
 
 
+@pytest.mark.parametrize("parallel", [None, True, False])
+def test_named_tool_choice_plans_exactly_one_call(parallel):
+    # Even with parallel_tool_calls true, a named choice is one call: the grammar stops after it.
+    named = plan_tools([WEATHER, TIME], {"type": "function", "function": {"name": "get_weather"}}, parallel)
+    fmt = json.loads(named.grammar.spec)["format"]
+    assert not named.parallel
+    assert fmt["type"] == "tags_with_separator" and fmt["at_least_one"] and fmt["stop_after_first"]
+
+
+@pytest.mark.parametrize("choice", ["auto", "required", {"type": "function", "function": {"name": "get_time"}}])
+@pytest.mark.parametrize("syntax", [HERMES, LLAMA3_JSON])
+def test_parallel_tool_calls_false_plans_one_call_at_most(choice, syntax):
+    plan = plan_tools([WEATHER, TIME], choice, False, syntax=syntax)
+    assert not plan.parallel
+    if plan.grammar is not None:  # Llama 3 JSON "auto" is parsed only; the responder caps it
+        assert json.loads(plan.grammar.spec)["format"]["stop_after_first"]
+
+
 @pytest.mark.parametrize("tools,choice,param", [
     ([WEATHER], {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
     ([WEATHER], "sometimes", "tool_choice"),
@@ -546,3 +564,22 @@ def test_native_template_renders_tools_like_transformers(tmp_path, template):
     body = json.dumps({"messages": messages, "tools": [WEATHER], "tool_choice": "none"}).encode()
     none = protocol.plan_chat(protocol.decode_body(body, protocol.ChatCompletionRequest), SMOL_LIMITS, tool_format)
     assert none.template_tools is None and none.params.grammar is None and none.messages == plan.messages
+
+
+@pytest.mark.parametrize("step", [1, 5, 1000])
+def test_tool_responder_keeps_one_call_without_parallel_calls(step):
+    # Llama 3 JSON under "auto" has no grammar, so parallel_tool_calls=false is enforced when parsing.
+    from server.structured import ToolResponder
+
+    text = '{"name": "get_weather", "parameters": {"city": "Oslo"}}; {"name": "get_time", "parameters": {}}'
+    plan = plan_tools([WEATHER, TIME], "auto", False, syntax=LLAMA3_JSON)
+    msg = ToolResponder(plan).message(text)
+    assert msg["content"] is None and [c["function"]["name"] for c in msg["tool_calls"]] == ["get_weather"]
+    s = ToolResponder(plan)
+    deltas = [d for i in range(0, len(text), step) for d in s.deltas(text[i:i + step])] + s.finish()
+    assert {d["tool_calls"][0]["index"] for d in deltas if "tool_calls" in d} == {0}
+    assert not [d for d in deltas if d.get("content")] and s.finish_reason("stop") == "tool_calls"
+    hermes = ('<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n'
+              '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+    assert len(ToolResponder(plan_tools([TIME], "required", False)).message(hermes)["tool_calls"]) == 1
+    assert len(ToolResponder(plan_tools([TIME], "required", True)).message(hermes)["tool_calls"]) == 2

@@ -225,10 +225,11 @@ def test_tool_choice_required_and_named(server):
         c = r.choices[0]
         names = {"get_time"} if isinstance(choice, dict) else {"get_weather", "get_time"}
         _check_calls(c.message.tool_calls, names)
-        if parallel and c.finish_reason == "length":
+        single = not parallel or isinstance(choice, dict)  # a named choice is one call
+        if not single and c.finish_reason == "length":
             continue  # parallel calls are unbounded; the complete ones were checked
         assert c.finish_reason == "tool_calls" and not c.message.content, (choice, parallel, seed, c)
-        if not parallel:
+        if single:
             assert len(c.message.tool_calls) == 1
 
 
@@ -335,3 +336,62 @@ def test_grammar_cache_hits_in_metrics(client, server):
     while hits() < before + 2 and time.monotonic() < deadline:  # stats arrive with the scheduler heartbeat
         time.sleep(0.1)
     assert hits() >= before + 2
+
+
+NAMED_WEATHER = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize("parallel", [None, True, False])
+def test_named_tool_choice_is_exactly_one_call(client, parallel):
+    # A named tool_choice means one call of that function (as vLLM serves it): the grammar ends
+    # after the call, so the request finishes "tool_calls" instead of repeating it until "length".
+    extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+    r = client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+        tools=[WEATHER, TIME], tool_choice=NAMED_WEATHER, temperature=0, max_tokens=200, **extra)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls", c
+    assert len(c.message.tool_calls) == 1, c.message.tool_calls
+    assert c.message.tool_calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(c.message.tool_calls[0].function.arguments), PARAMS["get_weather"])
+
+
+def _stream_calls(client, **kwargs) -> tuple[dict[int, dict], str]:
+    """The streamed tool calls by index ({"id", "name", "arguments"}) and the finish_reason."""
+    stream = client.chat.completions.create(model="smol", stream=True, **kwargs)
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        for tc in chunk.choices[0].delta.tool_calls or []:
+            entry = calls.setdefault(tc.index, {"id": None, "name": None, "arguments": ""})
+            if tc.id:
+                entry["id"] = tc.id
+            if tc.function and tc.function.name:
+                entry["name"] = tc.function.name
+            if tc.function and tc.function.arguments:
+                entry["arguments"] += tc.function.arguments
+        finish = chunk.choices[0].finish_reason or finish
+    return calls, finish
+
+
+def test_named_tool_choice_streams_one_call_index(client):
+    calls, finish = _stream_calls(
+        client, messages=[{"role": "user", "content": "What's the weather in Paris?"}], tools=[WEATHER, TIME],
+        tool_choice=NAMED_WEATHER, temperature=0, max_tokens=200)
+    assert finish == "tool_calls" and list(calls) == [0], calls
+    assert calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+    jsonschema.validate(json.loads(calls[0]["arguments"]), PARAMS["get_weather"])
+
+
+@pytest.mark.parametrize("choice", ["auto", "required", NAMED_WEATHER])
+def test_parallel_tool_calls_false_allows_one_call(client, choice):
+    ask = [{"role": "user", "content": "Weather in Oslo and in Rome, please. Call get_weather for each."}]
+    for seed in range(3):
+        r = client.chat.completions.create(model="smol", messages=ask, tools=[WEATHER, TIME], tool_choice=choice,
+                                           parallel_tool_calls=False, temperature=1.0, seed=seed, max_tokens=200)
+        c = r.choices[0]
+        assert len(c.message.tool_calls or []) <= 1, (choice, seed, c)
+        if choice != "auto":
+            assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1, (choice, seed, c)
