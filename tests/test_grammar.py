@@ -27,7 +27,8 @@ from scheduler_proc.grammar_backend import REJECTED, TERMINATED, GrammarBackend 
 from scheduler_proc.request import Req  # noqa: E402
 from server.bench.tokenizer import chat_token_ids  # noqa: E402
 from server.ipc import GrammarSpec, SamplingParams  # noqa: E402
-from server.structured import HERMES, LLAMA3_JSON, parse_tool_calls, plan_tools  # noqa: E402
+from server.tool_parser import parse_tool_calls  # noqa: E402
+from server.tool_plan import HERMES, LLAMA3_JSON, plan_tools  # noqa: E402
 
 EOS = 2
 VOCAB = 49152
