@@ -354,7 +354,9 @@ class Engine:
         for req, message in q.failed:
             req.finish_reason = "abort"
             self.requests.pop(req.rid, None)
-            self._errors.append(ErrorOutput(req.rid, message, 400, "response_format"))
+            # The request field the spec came from (tools' grammars are structural tags too).
+            param = req.params.grammar.kind if req.params.grammar.kind in ("regex", "ebnf") else "response_format"
+            self._errors.append(ErrorOutput(req.rid, message, 400, param))
 
     def _agree(self, codes: list[int]) -> list[int]:
         """TP ranks release a queued request in the same step: the MIN of their statuses."""

@@ -28,7 +28,8 @@ from server.engine_client import EngineClient, EngineDead, RequestGroup
 from server.metrics import Metrics
 from server.process_util import IpcPaths, ModelInfo
 from server.protocol import ProtocolError, error_body
-from server.structured import ToolResponder, detect_tool_format
+from server.tool_parser import ToolResponder
+from server.tool_plan import detect_tool_format
 from tokenizer_proc.tokenizer import read_chat_template, resolve_chat_template
 
 logger = logging.getLogger(__name__)

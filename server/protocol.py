@@ -16,8 +16,9 @@ from typing import Any, NamedTuple, Optional, Protocol, Union
 import msgspec
 
 from server.ipc import ChatMessage, ChatTool, SamplingParams
-from server.structured import TEXT_TOOLS, StructuredOutputError, ToolFormat, ToolPlan, grammar_from_request, \
-    prepare_tool_messages, structured_chat
+from server.grammar_spec import StructuredOutputError, grammar_from_request
+from server.structured_chat import prepare_tool_messages, structured_chat
+from server.tool_plan import TEXT_TOOLS, ToolFormat, ToolPlan
 
 
 class ProtocolError(ValueError):
@@ -343,7 +344,7 @@ class ChatPlan:
     n: int
     stream: bool
     include_usage: bool
-    tools: Optional[ToolPlan] = None  # set when the request has tools (see server.structured)
+    tools: Optional[ToolPlan] = None  # set when the request has tools (see server.tool_plan)
     template_tools: Optional[list[ChatTool]] = None  # the chat template's `tools` (native templates)
 
 
@@ -352,7 +353,7 @@ def _include_usage(req: _SamplingFields) -> bool:
 
 
 def plan_chat(req: ChatCompletionRequest, limits: ModelLimits, tool_format: ToolFormat = TEXT_TOOLS) -> ChatPlan:
-    """Validate a chat request; tool_format is the model's (`server.structured.detect_tool_format`)."""
+    """Validate a chat request; tool_format is the model's (`server.tool_plan.detect_tool_format`)."""
     _check_unsupported(req, _UNSUPPORTED_CHAT)
     if req.modalities is not None and req.modalities != ["text"]:
         raise ProtocolError("only `modalities: [\"text\"]` is supported", "modalities")

@@ -27,7 +27,8 @@ from scheduler_proc.grammar_backend import REJECTED, TERMINATED, GrammarBackend 
 from scheduler_proc.request import Req  # noqa: E402
 from server.bench.tokenizer import chat_token_ids  # noqa: E402
 from server.ipc import GrammarSpec, SamplingParams  # noqa: E402
-from server.structured import HERMES, LLAMA3_JSON, parse_tool_calls, plan_tools  # noqa: E402
+from server.tool_parser import parse_tool_calls  # noqa: E402
+from server.tool_plan import HERMES, LLAMA3_JSON, plan_tools  # noqa: E402
 
 EOS = 2
 VOCAB = 49152
@@ -214,8 +215,26 @@ def test_forced_tool_calls_parse_and_validate(choice, parallel, syntax, manager,
             if isinstance(choice, dict):
                 assert call.name == "get_time"
         counts.append(len(result.calls))
-    if not parallel:
+    if not parallel or isinstance(choice, dict):  # a named choice is one call whatever `parallel` says
         assert set(counts) == {1}
+
+
+@pytest.mark.parametrize("choice,parallel", [
+    ({"type": "function", "function": {"name": "get_weather"}}, True),
+    ({"type": "function", "function": {"name": "get_weather"}}, False),
+    ("required", False), ("auto", False)])
+def test_grammar_ends_after_one_call(choice, parallel, manager, tokenizer):
+    # After one complete call only the stop token may follow: the request finishes "tool_calls"
+    # at once instead of repeating the call until max_tokens.
+    plan = plan_tools(TOOLS, choice, parallel)
+    g = manager.new_matcher(manager.compile(plan.grammar))
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    for tok in tokenizer.encode(call, add_special_tokens=False):
+        assert g.accept_token(tok), tokenizer.decode([tok])
+    mask = manager.allocate_bitmask(1)
+    g.fill_next_token_bitmask(mask, 0)
+    assert allowed_tokens(mask).tolist() == [EOS]
+    assert g.accept_token(EOS) and g.is_terminated()
 
 
 def test_auto_tool_grammar_allows_text_and_constrains_calls(manager, tokenizer):

@@ -225,25 +225,23 @@ def test_tool_choice_required_and_named(server):
         c = r.choices[0]
         names = {"get_time"} if isinstance(choice, dict) else {"get_weather", "get_time"}
         _check_calls(c.message.tool_calls, names)
-        if parallel and c.finish_reason == "length":
+        single = not parallel or isinstance(choice, dict)  # a named choice is one call
+        if not single and c.finish_reason == "length":
             continue  # parallel calls are unbounded; the complete ones were checked
         assert c.finish_reason == "tool_calls" and not c.message.content, (choice, parallel, seed, c)
-        if not parallel:
+        if single:
             assert len(c.message.tool_calls) == 1
 
 
-def test_tool_calls_streaming(client):
-    stream = client.chat.completions.create(
-        model="smol", messages=[{"role": "user", "content": "Weather in Oslo and the time in Tokyo?"}],
-        tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=3,
-        max_tokens=200, stream=True)
+def _stream_calls(client, **kwargs) -> tuple[dict[int, dict], str]:
+    """The streamed tool calls by index ({"id", "name", "arguments"}) and the finish_reason."""
+    stream = client.chat.completions.create(model="smol", stream=True, **kwargs)
     calls: dict[int, dict] = {}
     finish = None
     for chunk in stream:
         if not chunk.choices:
             continue
-        delta = chunk.choices[0].delta
-        for tc in delta.tool_calls or []:
+        for tc in chunk.choices[0].delta.tool_calls or []:
             entry = calls.setdefault(tc.index, {"id": None, "name": None, "arguments": ""})
             if tc.id:
                 entry["id"] = tc.id
@@ -252,7 +250,15 @@ def test_tool_calls_streaming(client):
             if tc.function and tc.function.arguments:
                 entry["arguments"] += tc.function.arguments
         finish = chunk.choices[0].finish_reason or finish
-    assert finish == "tool_calls" and calls
+    return calls, finish
+
+
+def test_tool_calls_streaming(client):
+    calls, finish = _stream_calls(
+        client, messages=[{"role": "user", "content": "Weather in Oslo and the time in Tokyo?"}],
+        tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=3,
+        max_tokens=200)
+    assert finish == "tool_calls" and list(calls) == [0], calls
     for entry in calls.values():
         assert entry["id"].startswith("call_")
         jsonschema.validate(json.loads(entry["arguments"]), PARAMS[entry["name"]])
@@ -306,8 +312,8 @@ def test_mixed_batch_unconstrained_outputs_unchanged(server):
 @pytest.mark.parametrize("kwargs,needle", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strng"}}}},
      "unknown type"),
-    ({"extra_body": {"regex": "(unclosed"}}, "regex"),
-    ({"extra_body": {"ebnf": "start ::= 'x'"}}, "root"),
+    ({"extra_body": {"regex": ""}}, "regex"),
+    ({"extra_body": {"ebnf": ""}}, "ebnf"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "unknown function"),
     # These pass the API's light checks; the scheduler's compiler rejects them (still a 400).
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
@@ -318,6 +324,28 @@ def test_bad_specs_are_400(client, kwargs, needle):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="smol", messages=ASK, max_tokens=10, **kwargs)
     assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("field,spec,needle", [
+    ("regex", "(?<=a)b", "Lookbehind is not supported"),
+    ("regex", "a{2,1}", "Lower bound is larger than upper bound"),
+    ("regex", r"\p{L}+", "Unicode character class escape"),
+    ("regex", "(unclosed", "parenthesis is not closed"),
+    ("ebnf", 'start ::= "x"', 'root rule with name "root" is not found'),
+    ("ebnf", "root ::= ", "Expect element"),
+])
+@pytest.mark.parametrize("route", ["chat/completions", "completions"])
+def test_specs_xgrammar_rejects_are_400_from_the_compiler(server, field, spec, needle, route):
+    # Nothing checks these on the API side: the scheduler's compile answers, the server lives on.
+    body = {"model": "smol", "max_tokens": 5, field: spec}
+    body.update({"messages": ASK} if route == "chat/completions" else {"prompt": "Hi"})
+    r = httpx.post(f"{server}/v1/{route}", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == field
+    assert error["message"].startswith(f"invalid {field} grammar: ") and needle in error["message"], error
+    assert httpx.get(server + "/health", timeout=5).status_code == 200
 
 
 def test_grammar_cache_hits_in_metrics(client, server):
@@ -335,3 +363,42 @@ def test_grammar_cache_hits_in_metrics(client, server):
     while hits() < before + 2 and time.monotonic() < deadline:  # stats arrive with the scheduler heartbeat
         time.sleep(0.1)
     assert hits() >= before + 2
+
+
+NAMED_WEATHER = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize("parallel", [None, True, False])
+def test_named_tool_choice_is_exactly_one_call(client, parallel):
+    # A named tool_choice means one call of that function (as vLLM serves it): the grammar ends
+    # after the call, so the request finishes "tool_calls" instead of repeating it until "length".
+    extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+    r = client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+        tools=[WEATHER, TIME], tool_choice=NAMED_WEATHER, temperature=0, max_tokens=200, **extra)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls", c
+    assert len(c.message.tool_calls) == 1, c.message.tool_calls
+    assert c.message.tool_calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(c.message.tool_calls[0].function.arguments), PARAMS["get_weather"])
+
+
+def test_named_tool_choice_streams_one_call_index(client):
+    calls, finish = _stream_calls(
+        client, messages=[{"role": "user", "content": "What's the weather in Paris?"}], tools=[WEATHER, TIME],
+        tool_choice=NAMED_WEATHER, temperature=0, max_tokens=200)
+    assert finish == "tool_calls" and list(calls) == [0], calls
+    assert calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+    jsonschema.validate(json.loads(calls[0]["arguments"]), PARAMS["get_weather"])
+
+
+@pytest.mark.parametrize("choice", ["auto", "required", NAMED_WEATHER])
+def test_parallel_tool_calls_false_allows_one_call(client, choice):
+    ask = [{"role": "user", "content": "Weather in Oslo and in Rome, please. Call get_weather for each."}]
+    for seed in range(3):
+        r = client.chat.completions.create(model="smol", messages=ask, tools=[WEATHER, TIME], tool_choice=choice,
+                                           parallel_tool_calls=False, temperature=1.0, seed=seed, max_tokens=200)
+        c = r.choices[0]
+        assert len(c.message.tool_calls or []) <= 1, (choice, seed, c)
+        if choice != "auto":
+            assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1, (choice, seed, c)

@@ -1,22 +1,21 @@
-"""API-side structured outputs and tool calling (server/structured.py): pure Python, no model."""
+"""Tool calling on the API side: plans (server/tool_plan.py), parsing calls back
+(server/tool_parser.py) and chat messages for the template (server/structured_chat.py). No model."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import jinja2
 import pytest
 
+from server.grammar_spec import StructuredOutputError
 from server.ipc import ChatMessage, ChatToolCall, GrammarSpec
-from server.structured import (
-    HERMES, LLAMA3_JSON, TEXT_TOOLS, ContentDelta, StructuredOutputError, ToolCallDelta, ToolCallStreamParser,
-    detect_tool_format, grammar_from_request, parse_tool_calls, plan_tools, prepare_tool_messages,
-    template_supports_tools, tool_finish_reason, validate_ebnf, validate_grammar_spec, validate_json_schema,
-    validate_regex,
+from server.structured_chat import prepare_tool_messages, structured_chat
+from server.tool_parser import (
+    ContentDelta, ToolCallDelta, ToolCallStreamParser, ToolResponder, parse_tool_calls, tool_finish_reason,
 )
+from server.tool_plan import HERMES, LLAMA3_JSON, TEXT_TOOLS, detect_tool_format, plan_tools, template_supports_tools
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
@@ -27,115 +26,6 @@ NAMES = ["get_weather", "get_time"]
 
 SMOL_LIMITS = SimpleNamespace(vocab_size=49152, max_model_len=8192)  # what ModelInfo reports
 
-
-def test_no_heavy_imports():
-    code = ("import sys, server.structured; "
-            "bad = [m for m in ('torch', 'xgrammar', 'transformers') if m in sys.modules]; "
-            "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
-# ----------------------------------------------------------------------------- response_format
-
-
-def test_response_format_kinds():
-    assert grammar_from_request(None) is None
-    assert grammar_from_request({"type": "text"}) is None
-    assert grammar_from_request({"type": "json_object"}) == GrammarSpec("json_object")
-    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    spec = grammar_from_request({"type": "json_schema", "json_schema": {"name": "thing", "schema": schema,
-                                                                       "strict": True}})
-    assert spec.kind == "json_schema" and json.loads(spec.spec) == schema
-    # A schema sent as a JSON string, and a json_schema without a schema (any object).
-    assert json.loads(grammar_from_request({"type": "json_schema", "json_schema": {
-        "name": "x", "schema": json.dumps(schema)}}).spec) == schema
-    assert grammar_from_request({"type": "json_schema", "json_schema": {"name": "x"}}) == GrammarSpec("json_object")
-    assert grammar_from_request(regex=r"\d+") == GrammarSpec("regex", r"\d+")
-    assert grammar_from_request(ebnf='root ::= "a"') == GrammarSpec("ebnf", 'root ::= "a"')
-    tag = {"type": "structural_tag", "format": {"type": "const_string", "value": "hi"}}
-    assert json.loads(grammar_from_request(tag).spec) == tag
-
-
-def test_response_format_accepts_pydantic_like_objects():
-    class Model:
-        def model_dump(self, **_):
-            return {"type": "json_object"}
-
-    assert grammar_from_request(Model()) == GrammarSpec("json_object")
-
-
-@pytest.mark.parametrize("kwargs,param", [
-    ({"response_format": {"type": "xml"}}, "response_format.type"),
-    ({"response_format": "json"}, "response_format"),
-    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}}},
-     "response_format.json_schema.name"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": "{oops"}}},
-     "response_format.json_schema.schema"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "strng"}}}},
-     "response_format.json_schema.schema"),
-    ({"response_format": {"type": "json_object"}, "regex": "a+"}, "response_format"),
-    ({"regex": "(a"}, "regex"),
-    ({"ebnf": "foo ::= 'a'"}, "ebnf"),
-])
-def test_bad_requests_are_400_errors(kwargs, param):
-    with pytest.raises(StructuredOutputError) as e:
-        grammar_from_request(**kwargs)
-    assert e.value.param == param and e.value.message
-
-
-@pytest.mark.parametrize("schema", [
-    {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 3}}},
-    {"type": ["string", "null"], "maxLength": 3},
-    {"anyOf": [{"type": "string"}, {"$ref": "#/$defs/x"}], "$defs": {"x": {"type": "integer"}}},
-    {"type": "array", "items": {"enum": [1, "a", None]}, "minItems": 0, "maxItems": 2},
-    True,
-    {},
-])
-def test_valid_schemas_pass(schema):
-    validate_json_schema(schema)
-
-
-@pytest.mark.parametrize("schema,needle", [
-    ({"type": "strng"}, "unknown type"),
-    ({"properties": []}, "properties must be an object"),
-    ({"properties": {"a": {"type": "int"}}}, "schema.properties.a.type"),
-    ({"required": "a"}, "required"),
-    ({"enum": []}, "enum"),
-    ({"minimum": "0"}, "minimum"),
-    ({"minItems": -1}, "minItems"),
-    ({"minLength": 5, "maxLength": 2}, "greater than"),
-    ({"items": {"anyOf": []}}, "anyOf"),
-    ({"pattern": "(x"}, "regex"),
-    ([1], "JSON object or boolean"),
-])
-def test_invalid_schemas_are_rejected(schema, needle):
-    with pytest.raises(StructuredOutputError, match=needle):
-        validate_json_schema(schema)
-
-
-@pytest.mark.parametrize("pattern", [r"\d{3}-\w+", r"(?:a|b)*c?", r"[^\]]+", r"a{2,}?", r"^(yes|no)$", r"\\"])
-def test_regex_light_check_accepts(pattern):
-    validate_regex(pattern)
-
-
-@pytest.mark.parametrize("pattern", ["", "(a", "a)", "[ab", "*a", "a**", "a|+", "\\"])
-def test_regex_light_check_rejects(pattern):
-    with pytest.raises(StructuredOutputError):
-        validate_regex(pattern)
-
-
-def test_ebnf_and_spec_checks():
-    validate_ebnf('root ::= "x" rest\nrest ::= [0-9]+')
-    for bad in ["", "just text", 'start ::= "x"']:
-        with pytest.raises(StructuredOutputError):
-            validate_ebnf(bad)
-    validate_grammar_spec(GrammarSpec("json_object"))
-    validate_grammar_spec(GrammarSpec("json_schema", '{"type": "object"}'))
-    for bad in [GrammarSpec("json_schema", "{"), GrammarSpec("regex", "("), GrammarSpec("structural_tag", "{}"),
-                GrammarSpec("yaml", "")]:
-        with pytest.raises(StructuredOutputError):
-            validate_grammar_spec(bad)
 
 
 # ----------------------------------------------------------------------------- tool plans
@@ -163,6 +53,24 @@ def test_tool_plans():
     assert named.mode == "named" and named.names == {"get_weather"}
     tags = json.loads(named.grammar.spec)["format"]["tags"]
     assert [t["begin"] for t in tags] == ['<tool_call>\n{"name": "get_weather", "arguments": ']
+
+
+@pytest.mark.parametrize("parallel", [None, True, False])
+def test_named_tool_choice_plans_exactly_one_call(parallel):
+    # Even with parallel_tool_calls true, a named choice is one call: the grammar stops after it.
+    named = plan_tools([WEATHER, TIME], {"type": "function", "function": {"name": "get_weather"}}, parallel)
+    fmt = json.loads(named.grammar.spec)["format"]
+    assert not named.parallel
+    assert fmt["type"] == "tags_with_separator" and fmt["at_least_one"] and fmt["stop_after_first"]
+
+
+@pytest.mark.parametrize("choice", ["auto", "required", {"type": "function", "function": {"name": "get_time"}}])
+@pytest.mark.parametrize("syntax", [HERMES, LLAMA3_JSON])
+def test_parallel_tool_calls_false_plans_one_call_at_most(choice, syntax):
+    plan = plan_tools([WEATHER, TIME], choice, False, syntax=syntax)
+    assert not plan.parallel
+    if plan.grammar is not None:  # Llama 3 JSON "auto" is parsed only; the responder caps it
+        assert json.loads(plan.grammar.spec)["format"]["stop_after_first"]
 
 
 @pytest.mark.parametrize("tools,choice,param", [
@@ -335,8 +243,6 @@ def test_malformed_assistant_tool_calls_are_400(call, param, native):
 
 
 def test_tool_responder_non_streaming_and_streaming():
-    from server.structured import ToolResponder
-
     text = 'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
     plan = plan_tools([WEATHER, TIME], "auto")
     r = ToolResponder(plan)
@@ -358,8 +264,6 @@ def test_tool_responder_non_streaming_and_streaming():
 
 
 def test_structured_chat_resolution():
-    from server.structured import structured_chat
-
     msgs = [{"role": "user", "content": "hi"}]
     plain = structured_chat(msgs)
     assert plain.grammar is None and plain.tools is None and plain.messages == [ChatMessage("user", "hi")]
@@ -546,3 +450,20 @@ def test_native_template_renders_tools_like_transformers(tmp_path, template):
     body = json.dumps({"messages": messages, "tools": [WEATHER], "tool_choice": "none"}).encode()
     none = protocol.plan_chat(protocol.decode_body(body, protocol.ChatCompletionRequest), SMOL_LIMITS, tool_format)
     assert none.template_tools is None and none.params.grammar is None and none.messages == plan.messages
+
+
+@pytest.mark.parametrize("step", [1, 5, 1000])
+def test_tool_responder_keeps_one_call_without_parallel_calls(step):
+    # Llama 3 JSON under "auto" has no grammar, so parallel_tool_calls=false is enforced when parsing.
+    text = '{"name": "get_weather", "parameters": {"city": "Oslo"}}; {"name": "get_time", "parameters": {}}'
+    plan = plan_tools([WEATHER, TIME], "auto", False, syntax=LLAMA3_JSON)
+    msg = ToolResponder(plan).message(text)
+    assert msg["content"] is None and [c["function"]["name"] for c in msg["tool_calls"]] == ["get_weather"]
+    s = ToolResponder(plan)
+    deltas = [d for i in range(0, len(text), step) for d in s.deltas(text[i:i + step])] + s.finish()
+    assert {d["tool_calls"][0]["index"] for d in deltas if "tool_calls" in d} == {0}
+    assert not [d for d in deltas if d.get("content")] and s.finish_reason("stop") == "tool_calls"
+    hermes = ('<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n'
+              '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+    assert len(ToolResponder(plan_tools([TIME], "required", False)).message(hermes)["tool_calls"]) == 1
+    assert len(ToolResponder(plan_tools([TIME], "required", True)).message(hermes)["tool_calls"]) == 2
