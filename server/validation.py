@@ -31,7 +31,7 @@ def check_token_ids(ids: Iterable[int], vocab_size: int, param: str) -> None:
     """Raise InvalidParam naming `param` for the first id outside [0, vocab_size)."""
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise InvalidParam(f"token id {bad} is outside the vocabulary [0, {vocab_size})", param)
+        raise InvalidParam(f"token id {bad} in `{param}` is outside the vocabulary [0, {vocab_size})", param)
 
 
 def check_sampling_params(p: SamplingParams, vocab_size: int) -> None:
