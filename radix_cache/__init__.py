@@ -1,9 +1,9 @@
 """KV page allocator and prefix caches (radix tree, or none for --disable-radix-cache)."""
 
 from .allocator import PageAllocator
-from .base import BasePageAllocator, BasePrefixCache, MatchResult
+from .base import BasePageAllocator, BasePrefixCache, CacheHandle, CacheInvariantError, MatchResult
 from .no_prefix_cache import NoPrefixCache
-from .radix_tree import CacheHandle, CacheInvariantError, RadixCache, StaleHandleError
+from .radix_tree import RadixCache, StaleHandleError
 
 __all__ = [
     "BasePageAllocator",

@@ -9,7 +9,21 @@ allocated) so padded batches and CUDA graphs have a harmless slot to write to.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
+
+
+class CacheInvariantError(RuntimeError):
+    """check_invariants() found the cache inconsistent (a bug in the cache or its caller)."""
+
+
+class CacheHandle:
+    """Opaque proof of a match, for `lock` / `unlock`: only the cache that made it looks inside.
+
+    Each implementation subclasses it with what it needs to pin exactly the matched pages
+    (and to notice a handle whose pages were evicted since); callers only store and pass it.
+    """
+
+    __slots__ = ()
 
 
 class MatchResult(NamedTuple):
@@ -22,7 +36,7 @@ class MatchResult(NamedTuple):
 
     pages: list[int]
     num_tokens: int
-    node: Any
+    node: CacheHandle
 
 
 class BasePageAllocator(ABC):
@@ -40,6 +54,10 @@ class BasePageAllocator(ABC):
     def free(self, pages: Sequence[int]) -> None:
         """Return pages; freeing a page that is already free raises ValueError."""
 
+    @abstractmethod
+    def is_free(self, page: int) -> bool:
+        """Whether the page is on the free list (page 0 never is)."""
+
 
 class BasePrefixCache(ABC):
     """A cache from token-id prefixes to the KV pages that hold them.
@@ -55,6 +73,8 @@ class BasePrefixCache(ABC):
     - `evict(n)`: free at least n pages from unlocked leaves, least recently used first, back to
       the allocator; returns how many were freed (fewer when not enough are evictable).
     - `reset()`: drop every unlocked entry (flush); pages go back to the allocator.
+    - `check_invariants()`: raise CacheInvariantError unless page ownership is consistent
+      (see there); implementations add their own structure checks in `_check_structure`.
     """
 
     def __init__(self, allocator: BasePageAllocator, page_size: int = 1) -> None:
@@ -69,10 +89,10 @@ class BasePrefixCache(ABC):
     def match_prefix(self, key: Sequence[int], count: bool = False) -> MatchResult: ...
 
     @abstractmethod
-    def lock(self, node: Any) -> None: ...
+    def lock(self, node: CacheHandle) -> None: ...
 
     @abstractmethod
-    def unlock(self, node: Any) -> None: ...
+    def unlock(self, node: CacheHandle) -> None: ...
 
     @abstractmethod
     def insert(self, key: Sequence[int], pages: Sequence[int]) -> int: ...
@@ -90,8 +110,41 @@ class BasePrefixCache(ABC):
 
     @property
     @abstractmethod
+    def num_locked_pages(self) -> int:
+        """Pages pinned by some lock (never evicted until unlocked)."""
+
+    @property
     def num_evictable_pages(self) -> int:
-        """Pages evict() could free right now."""
+        """Pages evict() could free right now: every unlocked page (a lock pins a whole path,
+        so an unlocked page is always reachable by evicting leaves)."""
+        return self.num_cached_pages - self.num_locked_pages
+
+    @abstractmethod
+    def owned_pages(self) -> list[int]:
+        """Every page the cache owns, each once (for leak checks)."""
+
+    def check_invariants(self) -> None:
+        """Raise CacheInvariantError unless ownership is consistent: the owned pages are
+        distinct, never the reserved page 0, never on the allocator's free list, and as many as
+        num_cached_pages; 0 <= num_locked_pages <= num_cached_pages. Then the implementation's
+        own `_check_structure`. O(cached pages)."""
+        seen: set[int] = set()
+        for p in self.owned_pages():
+            if p <= 0:
+                raise CacheInvariantError(f"the cache holds reserved/invalid page {p}")
+            if p in seen:
+                raise CacheInvariantError(f"page {p} is owned twice by the cache")
+            if self.allocator.is_free(p):
+                raise CacheInvariantError(f"page {p} is cached and also in the allocator's free list")
+            seen.add(p)
+        if len(seen) != self.num_cached_pages:
+            raise CacheInvariantError(f"the cache owns {len(seen)} pages but counts {self.num_cached_pages}")
+        if not 0 <= self.num_locked_pages <= self.num_cached_pages:
+            raise CacheInvariantError(f"{self.num_locked_pages} locked pages of {self.num_cached_pages} cached")
+        self._check_structure()
+
+    def _check_structure(self) -> None:
+        """Implementation-specific consistency checks (raise CacheInvariantError)."""
 
     @property
     def hit_rate(self) -> float:

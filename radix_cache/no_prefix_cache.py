@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
-from .base import BasePrefixCache, MatchResult
+from .base import BasePrefixCache, CacheHandle, MatchResult
+
+_NO_MATCH = CacheHandle()  # the handle of the empty match (pins nothing)
 
 
 class NoPrefixCache(BasePrefixCache):
     """A BasePrefixCache that never holds a page, so callers need no special case.
 
-    - `match_prefix` matches nothing (node is None; `count=True` counts every token a miss).
+    - `match_prefix` matches nothing (an empty handle; `count=True` counts every token a miss).
     - `lock` / `unlock` accept any handle and do nothing.
     - `insert(key, pages)` takes ownership of nothing and returns len(key) rounded down to a page
       multiple, i.e. "everything was already cached": by the base contract the caller still owns
@@ -21,12 +23,12 @@ class NoPrefixCache(BasePrefixCache):
     def match_prefix(self, key: Sequence[int], count: bool = False) -> MatchResult:
         if count:
             self.miss_tokens += len(key)
-        return MatchResult([], 0, None)
+        return MatchResult([], 0, _NO_MATCH)
 
-    def lock(self, node: Any) -> None:
+    def lock(self, node: CacheHandle) -> None:
         pass
 
-    def unlock(self, node: Any) -> None:
+    def unlock(self, node: CacheHandle) -> None:
         pass
 
     def insert(self, key: Sequence[int], pages: Sequence[int]) -> int:
@@ -50,12 +52,5 @@ class NoPrefixCache(BasePrefixCache):
     def num_locked_pages(self) -> int:
         return 0
 
-    @property
-    def num_evictable_pages(self) -> int:
-        return 0
-
     def owned_pages(self) -> list[int]:
         return []
-
-    def check_invariants(self) -> None:
-        """Nothing to check: the cache holds no state besides its counters."""

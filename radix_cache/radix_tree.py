@@ -12,13 +12,9 @@ the wall clock, so the same call sequence always evicts the same pages.
 from __future__ import annotations
 
 import heapq
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
-from .base import BasePageAllocator, BasePrefixCache, MatchResult
-
-
-class CacheInvariantError(RuntimeError):
-    """check_invariants() found the tree inconsistent (a bug in the cache or its caller)."""
+from .base import BasePageAllocator, BasePrefixCache, CacheHandle, CacheInvariantError, MatchResult
 
 
 class StaleHandleError(ValueError):
@@ -43,14 +39,16 @@ class _Node:
         self.uid = uid  # creation order: a deterministic LRU tie-break
 
 
-class CacheHandle(NamedTuple):
-    """What `MatchResult.node` holds: the matched node and the prefix length it stood for.
+class _TreeHandle(CacheHandle):
+    """RadixCache's handle: the matched node and the prefix length it stood for.
 
     The length lets lock() notice a handle whose pages were evicted after the match.
     """
 
-    node: _Node
-    num_tokens: int
+    __slots__ = ("node", "num_tokens")
+
+    def __init__(self, node: _Node, num_tokens: int) -> None:
+        self.node, self.num_tokens = node, num_tokens
 
 
 def _token_list(seq: Sequence[int]) -> list[int]:
@@ -112,12 +110,6 @@ class RadixCache(BasePrefixCache):
         return self._num_locked
 
     @property
-    def num_evictable_pages(self) -> int:
-        # A zero ref count implies zero for the whole subtree, so every unlocked page can be
-        # reached by repeatedly evicting leaves.
-        return self._num_cached - self._num_locked
-
-    @property
     def num_nodes(self) -> int:
         """Nodes in the tree, the root excluded."""
         count, stack = 0, [self._root]
@@ -128,7 +120,7 @@ class RadixCache(BasePrefixCache):
         return count
 
     def owned_pages(self) -> list[int]:
-        """Every page the tree owns, each once (for leak checks; O(cached pages))."""
+        """Every page the tree owns (for leak checks; O(cached pages))."""
         out: list[int] = []
         stack = [self._root]
         while stack:
@@ -145,7 +137,7 @@ class RadixCache(BasePrefixCache):
         if count:
             self.hit_tokens += matched
             self.miss_tokens += len(key) - matched
-        return MatchResult(pages, matched, CacheHandle(node, matched))
+        return MatchResult(pages, matched, _TreeHandle(node, matched))
 
     def insert(self, key: Sequence[int], pages: Sequence[int]) -> int:
         key = _token_list(key)
@@ -164,7 +156,7 @@ class RadixCache(BasePrefixCache):
             self._add_child(node, _Node(key[matched:], new_pages, node, self._clock, self._uid()))
         return matched
 
-    def lock(self, node: Any) -> None:
+    def lock(self, node: CacheHandle) -> None:
         target = self._check_handle(node)
         while target is not self._root:
             if target.ref == 0:
@@ -172,7 +164,7 @@ class RadixCache(BasePrefixCache):
             target.ref += 1
             target = target.parent
 
-    def unlock(self, node: Any) -> None:
+    def unlock(self, node: CacheHandle) -> None:
         target = self._check_handle(node)
         if target is not self._root and target.ref == 0:
             raise StaleHandleError("unlock of a handle that is not locked")
@@ -215,23 +207,19 @@ class RadixCache(BasePrefixCache):
 
     # ------------------------------------------------------------------ debugging
 
-    def check_invariants(self) -> None:
-        """Raise CacheInvariantError unless the tree is consistent.
-
-        Checks: parent/child links and child dict keys; every node's key is a non-empty whole
-        number of pages with exactly len(key) // page_size pages; ref counts are >= 0 and a
-        parent's >= its child's; LRU times never increase going down; no page id (nor the
-        reserved page 0) appears twice or is free in the allocator; the leaf set and the page
-        counters match the tree. O(cached pages).
+    def _check_structure(self) -> None:
+        """The tree's own invariants (page ownership is checked by the base class):
+        parent/child links and child dict keys; every node's key is a non-empty whole number of
+        pages with exactly len(key) // page_size pages; ref counts are >= 0 and a parent's >=
+        its child's; LRU times never increase going down; the leaf set and the page counters
+        match the tree. O(cached pages).
         """
         ps = self.page_size
         root = self._root
         if root.key or root.pages or root.parent is not None or root.ref != 0:
             raise CacheInvariantError("root must be empty, parentless and unlocked")
-        seen: set[int] = set()
         leaves: set[_Node] = set()
         cached = locked = 0
-        is_free = getattr(self.allocator, "is_free", None)
         stack = [root]
         while stack:
             node = stack.pop()
@@ -252,14 +240,6 @@ class RadixCache(BasePrefixCache):
                     raise CacheInvariantError(f"{where}: ref {child.ref} exceeds its parent's {node.ref}")
                 if node is not root and node.last_access < child.last_access:
                     raise CacheInvariantError(f"{where}: accessed after its parent")
-                for p in child.pages:
-                    if p <= 0:
-                        raise CacheInvariantError(f"{where}: holds reserved/invalid page {p}")
-                    if p in seen:
-                        raise CacheInvariantError(f"{where}: page {p} appears twice in the tree")
-                    if is_free is not None and is_free(p):
-                        raise CacheInvariantError(f"{where}: page {p} is also in the allocator's free list")
-                    seen.add(p)
                 cached += len(child.pages)
                 if child.ref > 0:
                     locked += len(child.pages)
@@ -339,8 +319,8 @@ class RadixCache(BasePrefixCache):
         if parent is not self._root and not parent.children:
             self._leaves.add(parent)
 
-    def _check_handle(self, handle: Any) -> _Node:
-        if not isinstance(handle, CacheHandle):
+    def _check_handle(self, handle: CacheHandle) -> _Node:
+        if not isinstance(handle, _TreeHandle):
             raise TypeError(f"expected a MatchResult.node handle, got {type(handle).__name__}")
         node = handle.node
         path, cur = 0, node

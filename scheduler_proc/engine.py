@@ -19,22 +19,23 @@ from scheduler_proc.grammar_backend import REJECTED, TERMINATED, GrammarBackend
 from scheduler_proc.model_runner import HostCopy, ModelRunner
 from scheduler_proc.models.loader import load_model_config, resolve_dtype
 from scheduler_proc.request import Req
-from scheduler_proc.sampling import Sampler, SamplingBatch, SamplingError, validate_params
+from scheduler_proc.sampling import Sampler, SamplingBatch
 from scheduler_proc.scheduler import NeedsSync, ScheduleBatch, ScheduledItem, Scheduler
 from scheduler_proc.step_timeline import StepTimeline
 from server.config import ServerConfig
 from server.ipc import ErrorOutput, SamplingParams, SchedulerStats, TokenizedRequest, TokenOutput, TopLogprobs
+from server.validation import InvalidParam, check_sampling_params, check_token_ids
 
 logger = logging.getLogger(__name__)
 
 
-class EngineError(ValueError):
+class EngineError(InvalidParam):
     """A request the engine cannot serve; `message` is safe to show to the client. `status` 400 is
     bad input, 503 an engine too busy to queue it (the client may retry)."""
 
     def __init__(self, message: str, param: Optional[str] = None, status: int = 400):
-        super().__init__(message)
-        self.message, self.param, self.status = message, param, status
+        super().__init__(message, param)
+        self.status = status
 
 
 @dataclass
@@ -127,18 +128,16 @@ class Engine:
             raise EngineError(f"duplicate request id {req.rid!r}")
         if not ids:
             raise EngineError("the prompt is empty", "prompt")
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise EngineError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", "prompt")
+        try:
+            # The tokenizer checked these for the server's requests; in-process callers
+            # (`generate`, tests, benchmarks) bypass it. Once here, so no step re-checks them.
+            check_token_ids(ids, self.vocab_size, "prompt")
+            check_sampling_params(p, self.vocab_size)
+        except InvalidParam as e:
+            raise EngineError(e.message, e.param) from None
         if len(ids) >= self.max_model_len:
             raise EngineError(f"the prompt has {len(ids)} tokens but the context length is "
                               f"{self.max_model_len}; at most {self.max_model_len - 1} fit", "prompt")
-        if p.max_new_tokens < 0:
-            raise EngineError("max_tokens must be at least 0", "max_tokens")
-        try:
-            validate_params(p, self.vocab_size)  # once here, so no step re-checks it
-        except SamplingError as e:
-            raise EngineError(e.message, e.param) from None
         capacity = (self.runner.num_pages - 1) * self.page_size
         if len(ids) + 1 > capacity:
             raise EngineError(f"the prompt has {len(ids)} tokens but the KV pool holds {capacity}", "prompt")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from radix_cache.base import CacheHandle
 from server.ipc import SamplingParams
 
 
@@ -30,7 +31,7 @@ class Req:
     output_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     num_tree_pages: int = 0
-    node: Any = None
+    node: Optional[CacheHandle] = None  # the lock on its cached prefix, while it holds one
     num_computed: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (reported in usage)
     num_retractions: int = 0

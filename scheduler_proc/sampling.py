@@ -46,19 +46,16 @@ import torch
 from scheduler_proc.models.layers import cuda_fused_ops
 from scheduler_proc.transfer import device_tensor, to_device
 from server.ipc import SamplingParams, TopLogprobs
+from server.validation import InvalidParam, check_sampling_params
 
 __all__ = [
     "SamplingError", "SamplingBatch", "SampleOutput", "HostSampleOutput", "PromptLogprobs",
-    "Sampler", "prompt_logprobs", "topk", "hash_uniform", "validate_params",
+    "Sampler", "prompt_logprobs", "topk", "hash_uniform",
 ]
 
-class SamplingError(ValueError):
+class SamplingError(InvalidParam):
     """Sampling parameters or inputs that the sampler cannot honour (bad value, shape, token id);
     `param` names the offending request field where there is one."""
-
-    def __init__(self, message: str, param: Optional[str] = None):
-        super().__init__(message)
-        self.message, self.param = message, param
 
 
 # ----------------------------------------------------------------------------- counter-based RNG
@@ -175,8 +172,8 @@ class SamplingBatch:
         if validate:
             for i, p in enumerate(params):
                 try:
-                    validate_params(p, V)
-                except SamplingError as e:
+                    check_sampling_params(p, V)
+                except InvalidParam as e:
                     raise SamplingError(f"request {i}: {e.message}", e.param) from None
 
         greedy = [p.greedy for p in params]
@@ -244,35 +241,6 @@ class SamplingBatch:
         """Whether any penalty, bias or ban touches the logits before the draw."""
         return (self.repetition is not None or self.additive is not None
                 or self.ban_eos_rows is not None or self.ban_pairs is not None)
-
-
-def validate_params(p: SamplingParams, V: int) -> None:
-    """Raise SamplingError (naming the field in `param`) for a value the sampler cannot honour."""
-    if not (p.temperature >= 0.0 and math.isfinite(p.temperature)):
-        raise SamplingError(f"temperature must be a finite number >= 0, got {p.temperature}", "temperature")
-    if not (0.0 < p.top_p <= 1.0):
-        raise SamplingError(f"top_p must be in (0, 1], got {p.top_p}", "top_p")
-    if not (0.0 <= p.min_p <= 1.0):
-        raise SamplingError(f"min_p must be in [0, 1], got {p.min_p}", "min_p")
-    if not (p.repetition_penalty > 0.0 and math.isfinite(p.repetition_penalty)):
-        raise SamplingError(f"repetition_penalty must be > 0, got {p.repetition_penalty}", "repetition_penalty")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if not math.isfinite(getattr(p, name)):
-            raise SamplingError(f"{name} must be finite", name)
-    if p.top_logprobs < 0:
-        raise SamplingError("top_logprobs must be >= 0", "top_logprobs")
-    if p.min_new_tokens < 0:
-        raise SamplingError("min_tokens must be >= 0", "min_tokens")
-    if p.top_logprobs > V:
-        raise SamplingError(f"top_logprobs {p.top_logprobs} exceeds the vocabulary ({V})", "top_logprobs")
-    for tok, val in (p.logit_bias or {}).items():
-        if not 0 <= int(tok) < V:
-            raise SamplingError(f"logit_bias token id {tok} outside the vocabulary [0, {V})", "logit_bias")
-        if not math.isfinite(val):
-            raise SamplingError(f"logit_bias value for {tok} must be finite", "logit_bias")
-    for tok in p.stop_token_ids:
-        if not 0 <= tok < V:
-            raise SamplingError(f"stop token id {tok} outside the vocabulary [0, {V})", "stop_token_ids")
 
 
 def _row_keys(row: int, toks: Sequence[int], V: int) -> np.ndarray:

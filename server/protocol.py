@@ -3,31 +3,34 @@
 Requests are decoded strictly: unknown fields are a 400, and known OpenAI fields that would change
 generation but that Skiff does not implement yet are declared here only to be rejected with a clear
 "not supported" 400, so nothing that matters is ever silently ignored (bookkeeping fields such as
-`user` or `metadata` are accepted). All range checks live in `sampling_params` and the `plan_*`
-functions. Responses are plain dicts encoded with msgspec.json.
+`user` or `metadata` are accepted). Fixed ranges are msgspec constraints on the Structs (a
+violation is a 400 naming the field, see `decode_body`); checks that need the model's limits live
+in `sampling_params` and the `plan_*` functions. Responses are plain dicts encoded with msgspec.json.
 """
 
 from __future__ import annotations
 
-import math
+import re
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional, Protocol, Union
+from typing import Annotated, Any, NamedTuple, Optional, Protocol, Union
 
 import msgspec
+from msgspec import Meta
 
 from server.ipc import ChatMessage, ChatTool, SamplingParams
+from server import validation
 from server.grammar_spec import StructuredOutputError, grammar_from_request
 from server.structured_chat import prepare_tool_messages, structured_chat
 from server.tool_plan import TEXT_TOOLS, ToolFormat, ToolPlan
 
 
-class ProtocolError(ValueError):
+class ProtocolError(validation.InvalidParam):
     """A request the API rejects; `status` is the HTTP status, `param` the offending field."""
 
     def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
                  code: Optional[str] = None, type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
+        super().__init__(message, param)
+        self.status, self.code, self.type = status, code, type
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
@@ -40,6 +43,25 @@ class ModelLimits(Protocol):
 
     vocab_size: int
     max_model_len: int
+
+
+MAX_N = 128  # choices per prompt
+MAX_STOP = 4  # stop strings, as OpenAI allows
+MAX_TOP_LOGPROBS = 20  # chat top_logprobs and completions logprobs (OpenAI caps the latter at 5, vLLM at 20)
+
+# OpenAI's ranges (and vLLM's for its extensions), checked while the body is decoded.
+Choices = Annotated[int, Meta(ge=1, le=MAX_N)]
+Temperature = Annotated[float, Meta(ge=0)]
+TopP = Annotated[float, Meta(gt=0, le=1)]
+TopK = Annotated[int, Meta(ge=-1)]  # -1 or 0: disabled
+MinP = Annotated[float, Meta(ge=0, le=1)]
+Penalty = Annotated[float, Meta(ge=-2, le=2)]  # frequency and presence
+RepetitionPenalty = Annotated[float, Meta(gt=0)]
+LogitBias = Annotated[float, Meta(ge=-100, le=100)]
+StopString = Annotated[str, Meta(min_length=1)]
+Seed = Annotated[int, Meta(ge=-2 ** 63, le=2 ** 63 - 1)]
+NumLogprobs = Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)]
+NonNegative = Annotated[int, Meta(ge=0)]
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -60,22 +82,22 @@ class _SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
 
     model: Optional[str] = None
     max_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    n: Optional[int] = None
+    temperature: Optional[Temperature] = None
+    top_p: Optional[TopP] = None
+    n: Optional[Choices] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
-    frequency_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None
+    stop: Union[StopString, Annotated[list[StopString], Meta(max_length=MAX_STOP)], None] = None
+    seed: Optional[Seed] = None
+    frequency_penalty: Optional[Penalty] = None
+    presence_penalty: Optional[Penalty] = None
+    logit_bias: Optional[dict[str, LogitBias]] = None
     # extensions
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
+    top_k: Optional[TopK] = None
+    min_p: Optional[MinP] = None
+    repetition_penalty: Optional[RepetitionPenalty] = None
     ignore_eos: Optional[bool] = None
-    min_tokens: Optional[int] = None
+    min_tokens: Optional[NonNegative] = None
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: Optional[bool] = None
     # structured outputs (regex / ebnf: SGLang's extensions)
@@ -99,7 +121,7 @@ class ChatCompletionRequest(_SamplingFields, forbid_unknown_fields=True):
     messages: list[ChatMessageIn] = []
     max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[NumLogprobs] = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     modalities: Optional[list[str]] = None  # only ["text"]
@@ -112,7 +134,7 @@ class ChatCompletionRequest(_SamplingFields, forbid_unknown_fields=True):
 class CompletionRequest(_SamplingFields, forbid_unknown_fields=True):
     prompt: Union[str, list[Any], None] = None
     echo: Optional[bool] = None
-    logprobs: Optional[int] = None
+    logprobs: Optional[NumLogprobs] = None
     best_of: Optional[int] = None
     suffix: Optional[str] = None
 
@@ -141,7 +163,8 @@ def decode_body(body: bytes, type_: type) -> Any:
         text = str(e)
         param = None
         if "`$." in text:
-            param = text.rsplit("`$.", 1)[-1].rstrip("`").replace("[...]", "")  # a dict value: the dict
+            # `$.logit_bias[...]` (a dict value) and `$.stop[2]` (a list item) name the field itself
+            param = re.sub(r"\[(\d+|\.\.\.)\]$", "", text.rsplit("`$.", 1)[-1].rstrip("`"))
         elif "unknown field `" in text:
             param = text.split("unknown field `", 1)[1].split("`", 1)[0]
         raise ProtocolError(f"invalid request: {text}", param) from e
@@ -150,11 +173,6 @@ def decode_body(body: bytes, type_: type) -> Any:
 
 
 # ----------------------------------------------------------------------------- validation
-
-MAX_N = 128  # choices per prompt
-MAX_STOP = 4  # stop strings, as OpenAI allows
-MAX_TOP_LOGPROBS = 20  # chat top_logprobs and completions logprobs (OpenAI caps the latter at 5, vLLM at 20)
-_INT64 = (-2 ** 63, 2 ** 63 - 1)
 
 # Fields that would change what is generated and that Skiff does not implement: a 400, never ignored.
 _UNSUPPORTED_CHAT = ("audio", "reasoning_effort", "web_search_options")
@@ -172,25 +190,13 @@ def _check_unsupported(req: _SamplingFields, extra: tuple[str, ...] = ()) -> Non
             raise _not_supported(name)
 
 
-def _finite(value: float, name: str) -> float:
-    if not math.isfinite(value):
-        raise ProtocolError(f"`{name}` must be a finite number", name)
-    return value
-
-
-def stop_list(stop: Union[str, list[str], None]) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not s for s in stops):
-        raise ProtocolError("stop strings must not be empty", "stop")
-    if len(stops) > MAX_STOP:
-        raise ProtocolError(f"`stop` takes at most {MAX_STOP} strings", "stop")
-    return stops
-
-
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise ProtocolError(f"token id {bad} is outside the vocabulary [0, {vocab_size})", param)
+    """Token ids a client sent, checked here so that none leaves the server unchecked (an id
+    wider than 64 bits could not even cross IPC); see `server.validation.check_token_ids`."""
+    try:
+        validation.check_token_ids(ids, vocab_size, param)
+    except validation.InvalidParam as e:
+        raise ProtocolError(e.message, e.param) from None
 
 
 def _int_in(value: int, name: str, lo: int, hi: int, what: str = "") -> int:
@@ -201,69 +207,38 @@ def _int_in(value: int, name: str, lo: int, hi: int, what: str = "") -> int:
 
 def sampling_params(req: _SamplingFields, limits: ModelLimits, max_tokens: Optional[int],
                     logprobs: bool = False, top_logprobs: int = 0) -> SamplingParams:
-    """Validate the sampling fields and build SamplingParams (max_new_tokens is set later, by the
-    tokenizer, from `max_tokens` and the prompt). Every range check of a request lives here."""
-    p = SamplingParams()
+    """Build SamplingParams from the sampling fields (their fixed ranges were checked by the
+    decoder) and check what depends on the model: token ids and min_tokens. max_new_tokens is
+    set later, by the tokenizer, from `max_tokens` and the prompt."""
+    p = SamplingParams(logprobs=logprobs, top_logprobs=top_logprobs, stop=_stop_list(req.stop))
+    for name in ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty",
+                 "repetition_penalty", "seed", "ignore_eos", "skip_special_tokens"):
+        if getattr(req, name) is not None:
+            setattr(p, name, getattr(req, name))
     V = limits.vocab_size
-    if req.n is not None:
-        _int_in(req.n, "n", 1, MAX_N)
-    if req.temperature is not None:
-        if _finite(req.temperature, "temperature") < 0:
-            raise ProtocolError("`temperature` must be at least 0", "temperature")
-        p.temperature = req.temperature
-    if req.top_p is not None:
-        if not 0 < _finite(req.top_p, "top_p") <= 1:
-            raise ProtocolError("`top_p` must be in (0, 1]", "top_p")
-        p.top_p = req.top_p
     if req.top_k is not None:
-        _int_in(req.top_k, "top_k", -1, _INT64[1], "-1 or 0 (disabled) or a positive number of tokens")
         p.top_k = req.top_k if req.top_k < V else -1  # keeping the whole vocabulary is no filter
-    if req.min_p is not None:
-        if not 0 <= _finite(req.min_p, "min_p") <= 1:
-            raise ProtocolError("`min_p` must be in [0, 1]", "min_p")
-        p.min_p = req.min_p
-    for name in ("frequency_penalty", "presence_penalty"):
-        value = getattr(req, name)
-        if value is not None:
-            if not -2 <= _finite(value, name) <= 2:
-                raise ProtocolError(f"`{name}` must be in [-2, 2]", name)
-            setattr(p, name, value)
-    if req.repetition_penalty is not None:
-        if _finite(req.repetition_penalty, "repetition_penalty") <= 0:
-            raise ProtocolError("`repetition_penalty` must be greater than 0", "repetition_penalty")
-        p.repetition_penalty = req.repetition_penalty
     if req.logit_bias:
-        bias: dict[int, float] = {}
-        for key, value in req.logit_bias.items():
-            try:
-                token = int(key)
-            except ValueError:
-                raise ProtocolError(f"logit_bias key {key!r} is not a token id", "logit_bias") from None
-            check_token_ids([token], V, "logit_bias")
-            if not -100 <= _finite(value, "logit_bias") <= 100:
-                raise ProtocolError("logit_bias values must be in [-100, 100]", "logit_bias")
-            bias[token] = value
-        p.logit_bias = bias
-    p.stop = stop_list(req.stop)
+        try:
+            p.logit_bias = {int(key): value for key, value in req.logit_bias.items()}
+        except ValueError:
+            raise ProtocolError("logit_bias keys must be token ids", "logit_bias") from None
+        check_token_ids(list(p.logit_bias), V, "logit_bias")
     if req.stop_token_ids:
         check_token_ids(req.stop_token_ids, V, "stop_token_ids")
         p.stop_token_ids = list(req.stop_token_ids)
-    if req.seed is not None:
-        p.seed = _int_in(req.seed, "seed", *_INT64, "a 64-bit signed integer")
-    if req.ignore_eos is not None:
-        p.ignore_eos = req.ignore_eos
     if req.min_tokens is not None:
         limit = max_tokens if max_tokens is not None else limits.max_model_len
         _int_in(req.min_tokens, "min_tokens", 0, limit,
                 f"in [0, {limit}] (at most max_tokens)" if max_tokens is not None else "")
         p.min_new_tokens = req.min_tokens
-    if req.skip_special_tokens is not None:
-        p.skip_special_tokens = req.skip_special_tokens
     if req.stream_options is not None and not req.stream:
         raise ProtocolError("`stream_options` is only allowed when `stream` is true", "stream_options")
-    p.logprobs = logprobs
-    p.top_logprobs = top_logprobs
     return p
+
+
+def _stop_list(stop: Union[str, list[str], None]) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
 
 
 def choice_params(params: SamplingParams, j: int) -> SamplingParams:
@@ -358,7 +333,6 @@ def plan_chat(req: ChatCompletionRequest, limits: ModelLimits, tool_format: Tool
     if req.modalities is not None and req.modalities != ["text"]:
         raise ProtocolError("only `modalities: [\"text\"]` is supported", "modalities")
     if req.top_logprobs is not None:
-        _int_in(req.top_logprobs, "top_logprobs", 0, MAX_TOP_LOGPROBS)
         if not req.logprobs:
             raise ProtocolError("`top_logprobs` requires `logprobs` to be true", "top_logprobs")
     if req.max_tokens is not None and req.max_completion_tokens is not None \
@@ -414,8 +388,6 @@ def plan_completion(req: CompletionRequest, limits: ModelLimits) -> CompletionPl
         raise _not_supported("suffix")
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise ProtocolError("`best_of` other than `n` is not supported yet", "best_of")
-    if req.logprobs is not None:
-        _int_in(req.logprobs, "logprobs", 0, MAX_TOP_LOGPROBS)
     max_tokens = _max_tokens(req.max_tokens, "max_tokens", 0, limits)
     logprobs = req.logprobs is not None
     params = sampling_params(req, limits, max_tokens, logprobs, req.logprobs or 0)

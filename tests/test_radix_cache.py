@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from radix_cache import (
+    CacheHandle,
     CacheInvariantError,
     MatchResult,
     NoPrefixCache,
@@ -411,6 +412,37 @@ def test_no_prefix_cache():
     cache.reset()
     with pytest.raises(ValueError):
         cache.insert([1, 2, 3, 4], [])
+
+
+@pytest.mark.parametrize("make", [RadixCache, NoPrefixCache])
+def test_interface_contract(make):
+    """What callers rely on from every BasePrefixCache: typed handles, evictable == cached -
+    locked, and the ownership checks of the base class."""
+    alloc = PageAllocator(16)
+    cache = make(alloc, page_size=2)
+    pages = alloc.alloc(3)
+    already = cache.insert([1, 2, 3, 4, 5, 6], pages)
+    alloc.free(pages[: already // 2])  # the caller's duplicates
+    m = cache.match_prefix([1, 2, 3, 4, 5, 6, 7])
+    assert isinstance(m, MatchResult) and isinstance(m.node, CacheHandle)
+    cache.lock(m.node)
+    assert cache.num_locked_pages == len(m.pages) == m.num_tokens // 2
+    assert cache.num_evictable_pages == cache.num_cached_pages - cache.num_locked_pages
+    assert sorted(cache.owned_pages()) == sorted(set(cache.owned_pages()))
+    cache.check_invariants()
+    cache.unlock(m.node)
+    cache.check_invariants()
+
+
+def test_check_invariants_catches_a_cached_page_on_the_free_list():
+    alloc = PageAllocator(16)
+    cache = RadixCache(alloc, page_size=2)
+    pages = alloc.alloc(2)
+    cache.insert([1, 2, 3, 4], pages)
+    cache.check_invariants()
+    alloc.free(pages[1:])  # a caller bug: the cache owns this page
+    with pytest.raises(CacheInvariantError, match="free list"):
+        cache.check_invariants()
 
 
 # ---------------------------------------------------------------------- state machine

@@ -17,15 +17,13 @@ import msgspec
 from server import ipc
 from server.config import ServerConfig
 from server.process_util import IpcPaths, ModelInfo, start_child
+from server.validation import InvalidParam, check_token_ids
 from tokenizer_proc.tokenizer import TextTokenizer, TokenizerError, resolve_chat_template
 
 logger = logging.getLogger(__name__)
 
 
-class RequestError(ValueError):
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.message, self.param = message, param
+RequestError = InvalidParam  # what the tokenizer rejects: a 400 for the client
 
 
 ToScheduler = Union[ipc.TokenizedRequest, ipc.AbortRequest, ipc.FlushCacheRequest]
@@ -66,9 +64,7 @@ class TokenizerWorker:
         limit = self.info.max_model_len
         if not ids:
             raise RequestError("the prompt is empty", "prompt")
-        bad = next((t for t in ids if not 0 <= t < self.info.vocab_size), None)
-        if bad is not None:
-            raise RequestError(f"token id {bad} is outside the vocabulary [0, {self.info.vocab_size})", "prompt")
+        check_token_ids(ids, self.info.vocab_size, "prompt")
         if req.max_tokens is None:
             if len(ids) >= limit:
                 raise RequestError(f"This model's maximum context length is {limit} tokens. However, your "
@@ -101,9 +97,6 @@ class TokenizerWorker:
         return ipc.TokenizeResult(req.req_id, ids, self.info.max_model_len, strs)
 
     def detokenize(self, req: ipc.DetokenizeRequest) -> ipc.DetokenizeResult:
-        bad = next((t for t in req.tokens if not 0 <= t < self.info.vocab_size), None)
-        if bad is not None:
-            raise RequestError(f"token id {bad} is outside the vocabulary [0, {self.info.vocab_size})", "tokens")
         return ipc.DetokenizeResult(req.req_id, self.tok.decode(req.tokens, skip_special_tokens=False))
 
 
