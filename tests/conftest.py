@@ -157,6 +157,22 @@ class SkiffServer:
 
 
 @pytest.fixture(scope="session")
+def model_dir() -> str:
+    """The embedded SmolLM2's Hugging Face directory (converted once per machine)."""
+    from scheduler_proc.models.embedded import ensure_embedded_model
+
+    return str(ensure_embedded_model())
+
+
+@pytest.fixture(scope="session")
+def tok(model_dir):
+    """The embedded model's tokenizer, as the tokenizer and detokenizer processes load it."""
+    from tokenizer_proc.tokenizer import TextTokenizer
+
+    return TextTokenizer(model_dir)
+
+
+@pytest.fixture(scope="session")
 def skiff_server():
     """One server with the embedded SmolLM2 in float32, shared by every test that needs it."""
     server = SkiffServer("--max-model-len", str(SERVER_MAX_MODEL_LEN)).start()

@@ -36,18 +36,6 @@ DIVIDING_TEMPLATE = "{% for m in messages %}{{ m.content }}{{ 1 // (m.content | 
 BROKEN_TEMPLATE = "{% for m in messages %}{{ m.content }}"  # no endfor
 
 
-@pytest.fixture(scope="module")
-def model_dir():
-    from scheduler_proc.models.embedded import ensure_embedded_model
-
-    return str(ensure_embedded_model())
-
-
-@pytest.fixture(scope="module")
-def tok(model_dir):
-    return TextTokenizer(model_dir)
-
-
 def info_for(tok: TextTokenizer) -> ModelInfo:
     return ModelInfo(max_model_len=64, vocab_size=tok.vocab_size, eos_token_ids=(2,), tokenizer_path="")
 

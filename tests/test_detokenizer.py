@@ -24,18 +24,6 @@ from tokenizer_proc.tokenizer import TextTokenizer
 from server.process_util import ModelInfo
 
 
-@pytest.fixture(scope="module")
-def model_dir():
-    from scheduler_proc.models.embedded import ensure_embedded_model
-
-    return str(ensure_embedded_model())
-
-
-@pytest.fixture(scope="module")
-def tok(model_dir):
-    return TextTokenizer(model_dir)
-
-
 def stream_text(tok, ids, stop=(), chunk=1, prompt_tail=(), skip=True, stream=True):
     det = IncrementalDetokenizer(tok.tokenizer if stream else tok.decode, prompt_tail, stop, skip)
     parts, stopped = [], None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from server.config import ServerConfig, parse_args
 from server.ipc import SamplingParams, TokenizedRequest
 
 MAX_NEW = 24
+REPO_TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny-llama.json"
 GREEDY = SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0)
 
 _PARAGRAPH = (
@@ -145,12 +148,47 @@ def test_output_estimate_learns_from_finished_requests_and_retractions():
 
 
 def test_scheduling_flags():
-    cfg = parse_args(["--schedule-conservativeness", "0.5", "--max-running-requests", "8"])
+    cfg = parse_args(["--schedule-conservativeness", "0.5", "--max-running-requests", "8",
+                      "--max-queued-requests", "3", "--stream-interval", "4"])
     assert (cfg.schedule_conservativeness, cfg.max_running_requests) == (0.5, 8)
-    assert parse_args([]).schedule_conservativeness == 1.0
-    for bad in (["--schedule-conservativeness", "-1"], ["--schedule-conservativeness", "nan"]):
+    assert (cfg.max_queued_requests, cfg.stream_interval) == (3, 4)
+    default = parse_args([])
+    assert (default.schedule_conservativeness, default.max_queued_requests, default.stream_interval) == (1.0, None, 1)
+    for bad in (["--schedule-conservativeness", "-1"], ["--schedule-conservativeness", "nan"],
+                ["--stream-interval", "0"], ["--max-queued-requests", "-1"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+def _token_counts(engine: Engine, rid: str) -> list[int]:
+    """How many new tokens each of the request's outputs carried, until it finished."""
+    counts = []
+    while engine.has_work():
+        counts += [len(o.token_ids) for o in engine.step() if o.rid == rid]
+    return counts
+
+
+def test_stream_interval_batches_streamed_tokens_after_the_first():
+    params = SamplingParams(max_new_tokens=11, temperature=0.0, ignore_eos=True)
+    for interval, expected in ((1, [1] * 11), (4, [1, 4, 4, 2])):
+        eng = _engine(model=str(REPO_TINY), load_format="dummy", stream_interval=interval, max_total_tokens=4096)
+        eng.add_request(TokenizedRequest(rid="s", input_ids=[300, 301, 302], params=params, stream=True))
+        assert _token_counts(eng, "s") == expected
+        # A request that does not stream gets everything once, at the end, whatever the interval.
+        eng.add_request(TokenizedRequest(rid="n", input_ids=[300, 301, 302], params=params, stream=False))
+        assert _token_counts(eng, "n") == [11]
+
+
+def test_max_queued_requests_refuses_with_503_beyond_the_queue():
+    eng = _engine(model=str(REPO_TINY), load_format="dummy", max_queued_requests=2, max_total_tokens=4096)
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    for rid in ("a", "b"):
+        eng.add_request(TokenizedRequest(rid=rid, input_ids=[300, 301], params=params))
+    with pytest.raises(EngineError) as e:
+        eng.add_request(TokenizedRequest(rid="c", input_ids=[300, 301], params=params))
+    assert e.value.status == 503 and "max-queued-requests" in e.value.message
+    eng.step()  # both admitted: the queue has room again
+    eng.add_request(TokenizedRequest(rid="c", input_ids=[300, 301], params=params))
 
 
 def test_early_stopping_requests_let_admission_run_more_at_once():
