@@ -1,6 +1,7 @@
 """`python -m server --dp-size 2`: two replicas behind sglang-router (server/dp.py).
 
-Both replicas serve (round robin splits requests evenly between them), a replica killed with
+Fast: how the machine is split, the flags each replica gets, and the bodies the router forwards.
+Slow (real servers on the tiny dummy model): both replicas serve (round robin splits requests evenly between them), a replica killed with
 SIGKILL stops the whole server with exit 1 and no process left, and SIGTERM drains and exits 0.
 Each test starts its own server on the tiny dummy model."""
 
@@ -18,12 +19,12 @@ import openai
 import pytest
 
 from conftest import SkiffServer, all_exit, child_pids
+from server import protocol
+from server.config import parse_args, to_argv
+from server.dp import DpError, plan_replicas, router_command
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("sglang_router") is None,
-                       reason="sglang-router is not installed (pip install 'skiff[router]')"),
-]
+needs_router = pytest.mark.skipif(importlib.util.find_spec("sglang_router") is None,
+                                  reason="sglang-router is not installed (pip install 'skiff[router]')")
 
 MODEL = "configs/tiny-llama.json"
 # The replicas drain for 2 s at most (nothing runs when the tests stop them).
@@ -63,6 +64,90 @@ def _finished(url: str) -> float:
                if line.startswith("skiff:requests_finished_total"))
 
 
+# --- fast ---------------------------------------------------------------------------------------
+
+
+def _ports():
+    return iter(range(20001, 20100)).__next__
+
+
+def test_cpu_replicas_split_the_cores_and_listen_on_loopback():
+    cfg = parse_args(["--dp", "2", "--host", "0.0.0.0", "--port", "9000", "--device", "cpu"])
+    replicas = plan_replicas(cfg, gpus=["0", "1"], cores=8, port_for=_ports())
+    assert [r.config.port for r in replicas] == [20001, 20002]
+    for r in replicas:
+        assert (r.config.host, r.config.dp_size, r.config.num_threads) == ("127.0.0.1", 1, 3)  # (8 - 2) // 2
+        assert r.env == {}
+    assert plan_replicas(cfg, [], cores=2, port_for=_ports())[0].config.num_threads == 1
+    explicit = parse_args(["--dp", "2", "--num-threads", "4"])
+    assert plan_replicas(explicit, [], cores=2, port_for=_ports())[1].config.num_threads == 4
+
+
+def test_gpu_replicas_get_disjoint_gpu_sets():
+    cfg = parse_args(["--dp", "2", "--tp", "2"])
+    replicas = plan_replicas(cfg, gpus=["0", "1", "2", "3"], cores=64, port_for=_ports())
+    assert [r.env["CUDA_VISIBLE_DEVICES"] for r in replicas] == ["0,1", "2,3"]
+    assert all(r.config.num_threads is None and r.config.tp_size == 2 for r in replicas)
+    with pytest.raises(DpError, match="needs 4 GPUs; 3 visible"):
+        plan_replicas(cfg, gpus=["0", "1", "2"], cores=64, port_for=_ports())
+    with pytest.raises(DpError, match="needs 2 GPUs; 0 visible"):
+        plan_replicas(parse_args(["--dp", "2", "--device", "cuda"]), gpus=[], cores=8, port_for=_ports())
+
+
+def test_replica_flags_round_trip_through_the_parser():
+    cfg = parse_args(["--dp", "3", "--model", MODEL, "--load-format", "dummy", "--disable-overlap",
+                      "--api-key", "a key", "--router-policy", "random", "--max-total-tokens", "1536"])
+    replica = plan_replicas(cfg, [], cores=4, port_for=_ports())[0].config
+    assert parse_args(to_argv(replica)) == replica
+    assert parse_args(to_argv(cfg)) == cfg
+
+
+def test_router_command_uses_the_public_address_and_the_policy():
+    cfg = parse_args(["--dp", "2", "--host", "0.0.0.0", "--port", "9000", "--router-policy", "power_of_two"])
+    argv = router_command(cfg, ["http://127.0.0.1:1", "http://127.0.0.1:2"], metrics_port=3)
+    assert argv[1:3] == ["-m", "sglang_router.launch_router"]
+    pairs = {argv[i]: argv[i + 1] for i in range(3, len(argv) - 1) if argv[i].startswith("--")}
+    assert pairs["--host"] == "0.0.0.0" and pairs["--port"] == "9000" and pairs["--policy"] == "power_of_two"
+    assert pairs["--prometheus-host"] == "127.0.0.1" and pairs["--prometheus-port"] == "3"
+    assert argv[argv.index("--worker-urls") + 1:argv.index("--worker-urls") + 3] == ["http://127.0.0.1:1",
+                                                                                     "http://127.0.0.1:2"]
+
+
+class _Limits:
+    vocab_size = 1000
+    max_model_len = 512
+
+
+# What sglang-router 0.3.2 forwarded for a plain chat and completion request (captured from it).
+ROUTED_CHAT = (b'{"messages":[{"role":"user","content":"hi"}],"model":"m","logprobs":false,'
+               b'"max_completion_tokens":3,"stream":false,"no_stop_trim":false,"ignore_eos":false,'
+               b'"continue_final_message":false,"skip_special_tokens":true,"separate_reasoning":true,'
+               b'"stream_reasoning":true,"return_hidden_states":false}')
+ROUTED_COMPLETION = (b'{"model":"m","prompt":"hi","max_tokens":3,"stream":false,"echo":false,'
+                     b'"no_stop_trim":false,"ignore_eos":false,"skip_special_tokens":true,"return_hidden_states":false}')
+
+
+def test_bodies_the_router_forwards_are_accepted():
+    chat = protocol.plan_chat(protocol.decode_body(ROUTED_CHAT, protocol.ChatCompletionRequest), _Limits())
+    assert chat.max_tokens == 3
+    completion = protocol.plan_completion(protocol.decode_body(ROUTED_COMPLETION, protocol.CompletionRequest),
+                                          _Limits())
+    assert completion.max_tokens == 3
+
+
+@pytest.mark.parametrize("field", ["no_stop_trim", "return_hidden_states"])
+def test_router_fields_that_would_change_the_output_are_refused(field):
+    body = ROUTED_COMPLETION.replace(f'"{field}":false'.encode(), f'"{field}":true'.encode())
+    with pytest.raises(protocol.ProtocolError) as e:
+        protocol.plan_completion(protocol.decode_body(body, protocol.CompletionRequest), _Limits())
+    assert e.value.param == field
+
+
+# --- slow: real servers -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@needs_router
 def test_both_replicas_serve_and_sigterm_exits_cleanly(tmp_path):
     srv, pids = _start(tmp_path)
     try:
@@ -93,6 +178,8 @@ def test_both_replicas_serve_and_sigterm_exits_cleanly(tmp_path):
         srv.stop()
 
 
+@pytest.mark.slow
+@needs_router
 def test_killed_replica_stops_the_whole_server(tmp_path):
     """The documented contract (server/dp.py): a dead replica stops everything, exit 1."""
     srv, pids = _start(tmp_path)
