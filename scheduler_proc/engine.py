@@ -434,8 +434,10 @@ class Engine:
     def kv_usage(self) -> float:
         """Share of usable pages that requests hold. Cached prefixes no request references count
         as free, as vLLM and SGLang count them: they are evicted the moment a request needs room."""
-        usable = self.runner.num_pages - 1
-        return (usable - self.allocator.num_free - self.cache.num_evictable_pages) / usable
+        return self._held_pages() / (self.runner.num_pages - 1)
+
+    def _held_pages(self) -> int:
+        return self.runner.num_pages - 1 - self.allocator.num_free - self.cache.num_evictable_pages
 
     @property
     def num_waiting(self) -> int:
@@ -446,7 +448,8 @@ class Engine:
         return SchedulerStats(
             num_running=len(self.scheduler.running),
             num_waiting=self.num_waiting,
-            kv_usage=self.kv_usage(), prefix_cache_tokens=self.cache.num_evictable_pages * self.page_size,
+            kv_usage=self.kv_usage(), kv_tokens=self._held_pages() * self.page_size,
+            prefix_cache_tokens=self.cache.num_evictable_pages * self.page_size,
             cache_hit_rate=self.scheduler.hit_rate, num_retractions=self.scheduler.num_retractions,
             num_evicted_pages=self.scheduler.num_evicted_pages, **self._grammar_stats(),
         )

@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
+from importlib.metadata import version as _package_version
 from typing import AsyncIterator, Awaitable, Callable, Optional, TypeVar, Union
 
 import msgspec
@@ -510,6 +511,33 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
         reason = (client.dead or ("shutting down" if client.draining else None)
                   or ("a process is not alive" if not children_alive() else "no heartbeat from the scheduler"))
         return _error_response(503, "not ready: " + reason, "service_unavailable")
+
+    # ------------------------------------------------------------------ worker routes of sglang-router
+    # What the router (the data-parallel front, server/dp.py) reads from each worker, in the shapes it
+    # parses: the served name (its model id for routing), the model's paths, and the load it compares.
+
+    @app.get("/server_info")
+    @app.get("/get_server_info")
+    async def server_info():
+        return {"served_model_name": model_name, "model_path": config.model or model_name,
+                "version": _package_version("skiff"), "dp_size": 1, "tp_size": config.tp_size,
+                "max_model_len": info.max_model_len, "max_total_tokens": config.max_total_tokens,
+                "max_running_requests": config.max_running_requests}
+
+    @app.get("/model_info")
+    @app.get("/get_model_info")
+    async def model_info():
+        return {"model_path": config.model or model_name, "tokenizer_path": info.tokenizer_path,
+                "is_generation": True}
+
+    @app.get("/get_load")
+    async def get_load(request: Request):
+        """One entry per data-parallel rank (Skiff has one): requests admitted and KV tokens held."""
+        stats = _client(request).stats
+        if stats is None:
+            return _error_response(503, "not ready: no heartbeat from the scheduler yet", "service_unavailable")
+        return [{"dp_rank": 0, "num_reqs": stats.num_running + stats.num_waiting,
+                 "num_waiting_reqs": stats.num_waiting, "num_tokens": stats.kv_tokens}]
 
     @app.get("/metrics")
     async def metrics_route():

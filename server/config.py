@@ -50,6 +50,9 @@ class ServerConfig:
     disable_pdl: bool = False
     cuda_graph_max_bs: Optional[int] = None
     num_threads: Optional[int] = None  # CPU: torch intra-op threads (default: all cores)
+    # --- data parallelism (server/dp.py) ---
+    dp_size: int = 1
+    router_policy: str = "cache_aware"
     log_level: str = "info"
 
     @property
@@ -69,7 +72,7 @@ _HELP = {
     "tokenizer": "Tokenizer directory or hub id, if not the model's own "
     "(default for dummy configs without a tokenizer: the embedded SmolLM2 tokenizer).",
     "chat_template": "Chat template for /v1/chat/completions and /tokenize, instead of the tokenizer's "
-    "own: a Jinja file path or the template itself inline (anything containing '{{', '{%' or '{#'). "
+    "own: a Jinja file path or the template itself inline (anything containing '{{', '{%%' or '{#'). "
     "Checked at start-up: a template that does not compile stops the server.",
     "served_model_name": "The model name clients send and /v1/models lists (default: --model).",
     "load_format": "auto: real weights; dummy: seeded random weights from the config.",
@@ -109,16 +112,22 @@ _HELP = {
     "cuda_graph_max_bs": "Largest decode batch captured in a CUDA graph (default: sized to the GPU).",
     "num_threads": "CPU only: torch threads per scheduler process (default: the cores left after the "
     "other server processes, split across TP ranks; in-process engines use all cores).",
+    "dp_size": "Data-parallel replicas: above 1, start this many servers (each on its own GPUs, or on "
+    "its share of the CPU cores) behind sglang-router on --host/--port (needs the `router` extra).",
+    "router_policy": "How sglang-router picks a replica when --dp-size > 1: cache_aware (the replica whose "
+    "prefix cache most likely holds the prompt, unless loads are unbalanced), round_robin, random or "
+    "power_of_two (the less loaded of two random replicas).",
     "log_level": "debug, info, warning or error.",
 }
 
-_ALIASES = {"tp_size": ["--tp", "--tensor-parallel-size"]}
+_ALIASES = {"tp_size": ["--tp", "--tensor-parallel-size"], "dp_size": ["--dp", "--data-parallel-size"]}
 _CHOICES = {
     "load_format": ["auto", "dummy"],
     "dtype": ["auto", "float32", "bfloat16", "float16"],
     "device": ["auto", "cpu", "cuda"],
     "attention_backend": ["auto", "flashinfer", "triton", "torch"],
     "log_level": ["debug", "info", "warning", "error"],
+    "router_policy": ["cache_aware", "round_robin", "random", "power_of_two"],
 }
 
 
@@ -151,6 +160,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ServerConfig:
             or cfg.stream_interval < 1 or (cfg.max_queued_requests is not None and cfg.max_queued_requests < 0)):
         raise SystemExit("--page-size, --chunked-prefill-size, --max-running-requests and --stream-interval "
                          "must be >= 1, --max-queued-requests >= 0")
+    if cfg.dp_size < 1:
+        raise SystemExit("--dp-size must be >= 1")
     if not cfg.schedule_conservativeness >= 0:
         raise SystemExit("--schedule-conservativeness must be >= 0")
     if cfg.chat_template is not None:
@@ -164,4 +175,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ServerConfig:
     return cfg
 
 
-__all__ = ["ServerConfig", "build_parser", "parse_args", "EMBEDDED_MODEL_NAME", "field"]
+def to_argv(cfg: ServerConfig) -> list[str]:
+    """Command-line flags that `parse_args` turns back into `cfg` (the fields that differ from
+    their defaults): how the data-parallel supervisor hands its config to each replica."""
+    argv: list[str] = []
+    for f in dataclasses.fields(ServerConfig):
+        value = getattr(cfg, f.name)
+        if value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        argv += [flag] if value is True else [f"{flag}={value}"]
+    return argv
+
+
+__all__ = ["ServerConfig", "build_parser", "parse_args", "to_argv", "EMBEDDED_MODEL_NAME", "field"]

@@ -128,6 +128,7 @@ class SchedulerStats(msgspec.Struct, tag=True):
     kv_usage: float  # share of usable KV pages that requests hold (unreferenced cached prefixes are free)
     prefix_cache_tokens: int  # tokens of cached prefixes no request references: reusable, evictable
     cache_hit_rate: float
+    kv_tokens: int = 0  # tokens of KV that requests hold (kv_usage in tokens: a load figure routers compare)
     # running totals since start (the API server turns them into Prometheus counters)
     num_retractions: int = 0
     num_evicted_pages: int = 0

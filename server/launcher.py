@@ -294,6 +294,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s skiff %(levelname)s %(message)s")
+    if config.dp_size > 1:
+        from server import dp
+
+        return dp.main(config)
     return Supervisor(config).run()
 
 

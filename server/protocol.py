@@ -115,6 +115,11 @@ class _SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
     service_tier: Optional[str] = None
     store: Optional[bool] = None
     metadata: Optional[dict[str, str]] = None
+    # SGLang extensions that sglang-router (the data-parallel front, server/dp.py) writes into every
+    # request it forwards, at their defaults: only `false`, which is what Skiff does (stop strings are
+    # trimmed from the text; no hidden states are returned); `true` is a 400.
+    no_stop_trim: Optional[bool] = None
+    return_hidden_states: Optional[bool] = None
 
 
 class ChatCompletionRequest(_SamplingFields, forbid_unknown_fields=True):
@@ -129,6 +134,10 @@ class ChatCompletionRequest(_SamplingFields, forbid_unknown_fields=True):
     prediction: Optional[Any] = None  # a latency hint: accepted, the output is the same without it
     reasoning_effort: Optional[Any] = None
     web_search_options: Optional[Any] = None
+    # Also written by sglang-router. Accepted either way with no effect, as in SGLang without a
+    # reasoning parser: Skiff has none, so there is no reasoning content to separate or stream apart.
+    separate_reasoning: Optional[bool] = None
+    stream_reasoning: Optional[bool] = None
 
 
 class CompletionRequest(_SamplingFields, forbid_unknown_fields=True):
@@ -178,6 +187,7 @@ def decode_body(body: bytes, type_: type) -> Any:
 _UNSUPPORTED_CHAT = ("audio", "reasoning_effort", "web_search_options")
 _UNSUPPORTED = ("functions", "function_call")
 _CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls")
+_ONLY_FALSE = ("no_stop_trim", "return_hidden_states")
 
 
 def _not_supported(field: str) -> ProtocolError:
@@ -188,6 +198,9 @@ def _check_unsupported(req: _SamplingFields, extra: tuple[str, ...] = ()) -> Non
     for name in _UNSUPPORTED + extra:
         if getattr(req, name) is not None:
             raise _not_supported(name)
+    for name in _ONLY_FALSE:
+        if getattr(req, name):
+            raise ProtocolError(f"`{name}: true` is not supported (only false)", name)
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:

@@ -86,7 +86,7 @@ def _compose_cli() -> list[str] | None:
     return [legacy] if legacy else None
 
 
-@pytest.mark.parametrize("profiles", [["gpu"], ["cpu"], ["gpu", "monitoring"], ["cpu", "monitoring"]])
+@pytest.mark.parametrize("profiles", [["gpu"], ["cpu"], ["gpu", "monitoring"], ["cpu", "monitoring"], ["dp"]])
 def test_compose_config_passes_the_compose_cli(profiles):
     cli = _compose_cli()
     if cli is None:
@@ -97,7 +97,9 @@ def test_compose_config_passes_the_compose_cli(profiles):
                           env={k: v for k, v in os.environ.items() if not k.startswith("SKIFF_")})
     assert proc.returncode == 0, proc.stderr
     services = set(yaml.safe_load(proc.stdout)["services"])
-    expected = {"skiff" if "gpu" in profiles else "skiff-cpu"} | ({"prometheus", "grafana"} if "monitoring" in profiles else set())
+    expected = ({"skiff-replica-0", "skiff-replica-1", "skiff-router"} if "dp" in profiles
+                else {"skiff" if "gpu" in profiles else "skiff-cpu"})
+    expected |= {"prometheus", "grafana"} if "monitoring" in profiles else set()
     assert expected <= services
 
 
@@ -156,6 +158,29 @@ def test_compose_services_are_deployable():
             source = volume.split(":")[0]
             if source.startswith("./"):
                 assert (DOCKER / source).exists(), volume
+
+
+def test_compose_dp_profile_puts_the_replicas_behind_the_router():
+    services = compose_doc()["services"]
+    replicas = ["skiff-replica-0", "skiff-replica-1"]
+    router = services["skiff-router"]
+    argv = shlex.split(router["command"])
+    urls = argv[argv.index("--worker-urls") + 1:argv.index("--policy")]
+    assert urls == [f"http://{name}:8000" for name in replicas]
+    assert argv[argv.index("--policy") + 1] == "cache_aware"
+    assert router["entrypoint"] == ["python", "-m", "sglang_router.launch_router"]
+    assert router["ports"] == ["0.0.0.0:8000:8000"]  # the router alone is published
+    assert router["depends_on"] == {name: {"condition": "service_healthy"} for name in replicas}
+    for name in replicas:
+        svc = services[name]
+        assert svc["profiles"] == ["dp"] and svc["ports"] == [] and svc["restart"] == "unless-stopped"
+        cfg = parse_args(shlex.split(svc["command"]))
+        assert (cfg.host, cfg.port, cfg.dp_size) == ("0.0.0.0", 8000, 1)
+        assert duration_s(svc["stop_grace_period"]) >= cfg.graceful_shutdown_timeout + 10
+    # The image the router runs from installs the `router` extra.
+    assert '"/src[router]"' in (DOCKER / "Dockerfile.cpu").read_text()
+    policy = shlex.split(compose_doc({"SKIFF_ROUTER_POLICY": "round_robin"})["services"]["skiff-router"]["command"])
+    assert policy[policy.index("--policy") + 1] == "round_robin"
 
 
 # --- Dockerfiles --------------------------------------------------------------------------------
