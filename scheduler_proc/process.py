@@ -32,15 +32,17 @@ STATS_INTERVAL_S = 0.25
 
 
 def _init_tp(config: ServerConfig, rank: int, ipc_dir: str):
-    """Join the TP group (file:// rendezvous in the private dir: no TCP port to collide on) and
-    return (model group or None, gloo group for the control broadcast or None)."""
+    """Join the TP group and return (model group or None, gloo group for the control broadcast or
+    None). On one node the rendezvous is a file in the private dir (no TCP port to collide on);
+    across nodes, node 0's --dist-init-addr."""
     if config.tp_size == 1:
         return None, None
     cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     if cuda:
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{os.path.join(ipc_dir, 'tp_rendezvous')}",
-                            rank=rank, world_size=config.tp_size)
+        torch.cuda.set_device(rank - config.local_tp_ranks.start)
+    init = (f"tcp://{config.dist_init_addr}" if config.nnodes > 1
+            else f"file://{os.path.join(ipc_dir, 'tp_rendezvous')}")
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=init, rank=rank, world_size=config.tp_size)
     control = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
     return dist.group.WORLD, control
 
@@ -129,13 +131,19 @@ def run_scheduler(config: ServerConfig, paths: IpcPaths, ipc_dir: str, tp_rank: 
                                            engine.tokenizer_path) if tp_rank == 0 else None)
         loop = SchedulerLoop(engine, outbox)
         running = True
-        while running:
-            frames = inbox.drain_frames(0 if engine.has_work() else IDLE_POLL_MS) if inbox is not None else []
-            if control is not None:
-                frames = _broadcast_frames(frames, control)
-            for frame in frames:
-                running = loop.handle(frame) and running
-            loop.step()
-            loop.publish_stats()
+        try:
+            while running:
+                frames = inbox.drain_frames(0 if engine.has_work() else IDLE_POLL_MS) if inbox is not None else []
+                if control is not None:
+                    frames = _broadcast_frames(frames, control)
+                for frame in frames:
+                    running = loop.handle(frame) and running
+                loop.step()
+                loop.publish_stats()
+        except SystemExit:
+            if tp_rank == 0 and config.nnodes > 1:
+                # Ranks on other nodes have no supervisor here to stop them: tell them to leave.
+                _broadcast_frames([ipc.encode(ipc.Shutdown())], control)
+            raise
     finally:
         ctx.destroy(linger=0)

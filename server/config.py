@@ -50,10 +50,20 @@ class ServerConfig:
     disable_pdl: bool = False
     cuda_graph_max_bs: Optional[int] = None
     num_threads: Optional[int] = None  # CPU: torch intra-op threads (default: all cores)
+    # --- multi-node tensor parallelism ---
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: Optional[str] = None
     # --- data parallelism (server/dp.py) ---
     dp_size: int = 1
     router_policy: str = "cache_aware"
     log_level: str = "info"
+
+    @property
+    def local_tp_ranks(self) -> range:
+        """The TP ranks whose scheduler processes run on this node."""
+        per_node = self.tp_size // self.nnodes
+        return range(self.node_rank * per_node, (self.node_rank + 1) * per_node)
 
     @property
     def model_name(self) -> str:
@@ -112,6 +122,12 @@ _HELP = {
     "cuda_graph_max_bs": "Largest decode batch captured in a CUDA graph (default: sized to the GPU).",
     "num_threads": "CPU only: torch threads per scheduler process (default: the cores left after the "
     "other server processes, split across TP ranks; in-process engines use all cores).",
+    "nnodes": "Machines the TP group spans; each runs `python -m server` with the same flags and its own "
+    "--node-rank. Node 0 serves HTTP and runs the tokenizer and detokenizer; the others run only their "
+    "share of the --tp scheduler ranks.",
+    "node_rank": "This machine's index among --nnodes (0 serves HTTP).",
+    "dist_init_addr": "host:port of node 0 where the ranks of a multi-node TP group meet (torch.distributed "
+    "TCP rendezvous; NCCL on GPUs, gloo on CPU). Needed with --nnodes > 1.",
     "dp_size": "Data-parallel replicas: above 1, start this many servers (each on its own GPUs, or on "
     "its share of the CPU cores) behind sglang-router on --host/--port (needs the `router` extra).",
     "router_policy": "How sglang-router picks a replica when --dp-size > 1: cache_aware (the replica whose "
@@ -162,6 +178,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ServerConfig:
                          "must be >= 1, --max-queued-requests >= 0")
     if cfg.dp_size < 1:
         raise SystemExit("--dp-size must be >= 1")
+    if cfg.nnodes < 1 or not 0 <= cfg.node_rank < cfg.nnodes:
+        raise SystemExit("--nnodes must be >= 1 and --node-rank in [0, --nnodes)")
+    if cfg.nnodes > 1:
+        if cfg.tp_size % cfg.nnodes:
+            raise SystemExit(f"--tp {cfg.tp_size} must be a multiple of --nnodes {cfg.nnodes}")
+        if not cfg.dist_init_addr or ":" not in cfg.dist_init_addr:
+            raise SystemExit("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
+        if cfg.dp_size > 1:
+            raise SystemExit("--dp-size > 1 with --nnodes > 1 is not supported: run a router over "
+                             "multi-node servers instead")
     if not cfg.schedule_conservativeness >= 0:
         raise SystemExit("--schedule-conservativeness must be >= 0")
     if cfg.chat_template is not None:

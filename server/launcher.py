@@ -42,7 +42,7 @@ class StartupError(RuntimeError):
 
 
 class _StopRequested(Exception):
-    """SIGTERM/SIGINT arrived before the HTTP server was up."""
+    """SIGTERM/SIGINT arrived while no HTTP server runs (during start-up, or on a follower node)."""
 
 
 def _child_main(module: str, func: str, *args) -> None:
@@ -168,14 +168,19 @@ class Supervisor:
         if self.config.num_threads is not None:
             return self.config
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return self.config.replace(num_threads=max(1, (cores - 1) // self.config.tp_size))
+        return self.config.replace(num_threads=max(1, (cores - 1) // len(self.config.local_tp_ranks)))
 
-    def start_children(self) -> ModelInfo:
+    def start_children(self) -> Optional[ModelInfo]:
+        """Start this node's processes; the model's info on node 0, None on the other nodes (they
+        run scheduler ranks only)."""
         cfg, paths = self.config, self.paths
         sched_cfg = self._scheduler_config()
         ranks = [self._spawn(f"scheduler-{r}", *self.scheduler_entry, sched_cfg, paths, self.ipc_dir, r)
-                 for r in range(cfg.tp_size)]
-        info = self._wait_ready(ranks)[0]
+                 for r in cfg.local_tp_ranks]
+        payloads = self._wait_ready(ranks)
+        if cfg.node_rank > 0:
+            return None
+        info = payloads[0]
         if not isinstance(info, ModelInfo):
             raise StartupError("scheduler rank 0 did not report the model's info")
         if cfg.max_model_len is not None and cfg.max_model_len > info.max_model_len:
@@ -213,13 +218,16 @@ class Supervisor:
         signal.signal(signal.SIGINT, stop_startup)
         try:
             info = self.start_children()
+            if info is None:
+                self._follow()
+                return self.exit_code
             # uvicorn installs its own handlers while serving and re-raises the signal after a
             # graceful stop; these no-op handlers absorb that so a requested stop exits 0.
             signal.signal(signal.SIGTERM, lambda s, f: None)
             signal.signal(signal.SIGINT, lambda s, f: None)
             self._serve(info)
         except _StopRequested:
-            logger.info("stopped during startup")
+            logger.info("stopped by a signal")
         except StartupError as e:
             logger.error("%s", e)
             self.exit_code = 1
@@ -227,6 +235,26 @@ class Supervisor:
             self.stop_children()
             shutil.rmtree(self.ipc_dir, ignore_errors=True)
         return self.exit_code
+
+    def _follow(self) -> None:
+        """A node other than 0: its scheduler ranks follow rank 0's schedule until rank 0 tells
+        them to leave (exit 0) or one of them fails (exit 1). SIGTERM here stops this node only."""
+        cfg = self.config
+        pids = ", ".join(f"{c.name} {c.proc.pid}" for c in self.children)
+        print(f"Skiff node {cfg.node_rank} of {cfg.nnodes}: TP ranks {cfg.local_tp_ranks.start}-"
+              f"{cfg.local_tp_ranks.stop - 1} follow rank 0 at {cfg.dist_init_addr} (processes: {pids})", flush=True)
+        running = list(self.children)
+        while running:
+            for sentinel in mpc.wait([c.proc.sentinel for c in running]):
+                child = next(c for c in running if c.proc.sentinel == sentinel)
+                child.proc.join()
+                running.remove(child)
+                if child.proc.exitcode != 0:
+                    logger.error("the %s process died (exit code %s); stopping this node", child.name,
+                                 child.proc.exitcode)
+                    self.exit_code = 1
+                    return
+        logger.info("rank 0 stopped the TP group; this node stops too")
 
     def _serve(self, info: ModelInfo) -> None:
         from server.app import create_app
