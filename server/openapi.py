@@ -62,14 +62,18 @@ def json_operation(body: type[msgspec.Struct], streams: bool = False) -> dict[st
     }
 
 
-def _hoist(doc: dict[str, Any]) -> dict[str, Any]:
-    """Move every operation's carried definitions into components/schemas (idempotent)."""
+def _hoist(doc: dict[str, Any], routes) -> dict[str, Any]:
+    """Put the definitions the `routes`' json_operations carry into components/schemas and drop
+    the carrier key from the operations (idempotent). The definitions are taken from the routes,
+    not from the generated document: FastAPI's serialization drops `"default": null`."""
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for route in routes:
+        for name, schema in (getattr(route, "openapi_extra", None) or {}).get(_DEFS_KEY, {}).items():
+            if schemas.setdefault(name, schema) != schema:
+                raise ValueError(f"two different OpenAPI schemas are named {name!r}")
     for path_item in doc.get("paths", {}).values():
         for operation in path_item.values():
-            for name, schema in operation.pop(_DEFS_KEY, {}).items():
-                if schemas.setdefault(name, schema) != schema:
-                    raise ValueError(f"two different OpenAPI schemas are named {name!r}")
+            operation.pop(_DEFS_KEY, None)
     return doc
 
 
@@ -78,6 +82,6 @@ def install(app: FastAPI) -> None:
     generate = app.openapi  # FastAPI's own: builds the document once and caches it on the app
 
     def openapi() -> dict[str, Any]:
-        return _hoist(generate())
+        return _hoist(generate(), app.routes)
 
     app.openapi = openapi  # type: ignore[method-assign]
