@@ -69,7 +69,7 @@ _HELP = {
     "tokenizer": "Tokenizer directory or hub id, if not the model's own "
     "(default for dummy configs without a tokenizer: the embedded SmolLM2 tokenizer).",
     "chat_template": "Chat template for /v1/chat/completions and /tokenize, instead of the tokenizer's "
-    "own: a Jinja file path or the template itself inline (anything containing '{{', '{%' or '{#'). "
+    "own: a Jinja file path or the template itself inline (anything containing '{{', '{%%' or '{#'). "
     "Checked at start-up: a template that does not compile stops the server.",
     "served_model_name": "The model name clients send and /v1/models lists (default: --model).",
     "load_format": "auto: real weights; dummy: seeded random weights from the config.",
