@@ -10,8 +10,9 @@ schemas (server/openapi.py):
   positive  valid for the documented schema (most still fail the server's semantic checks: 400);
   negative  violating the documented schema (wrong types, unknown fields, missing ones);
   narrowed  valid for a copy of the schema narrowed to what the server accepts (`narrowed_document`:
-            in-range sampling values, known roles, small max_tokens), so cases get past validation
-            into tokenization, generation, grammars and streaming, and stay cheap.
+            in-range sampling values, known roles, small max_tokens, `stream` always sent), so
+            cases get past validation into tokenization, generation, grammars and streaming,
+            and stay cheap.
 Bodies with `stream: true` are part of all three, so SSE answers are part of the run.
 
 A case fails when the server answers 5xx or not at all; when the answer does not conform to the
@@ -150,7 +151,7 @@ _NARROWED = {
                      "items": {"$ref": "#/components/schemas/ChatMessageIn"}},
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 5},
     }, _DROPPED + ("audio", "reasoning_effort", "web_search_options", "modalities", "max_completion_tokens"),
-        ["messages"]),
+        ["messages", "stream"]),
     "CompletionRequest": ({
         **_SAMPLING,
         "prompt": {"anyOf": [{"type": "string", "minLength": 1, "maxLength": 200},
@@ -159,7 +160,7 @@ _NARROWED = {
                              _TOKENS,
                              {"type": "array", "items": _TOKENS, "minItems": 1, "maxItems": 3}]},
         "logprobs": {"type": "integer", "minimum": 0, "maximum": 5},
-    }, _DROPPED + ("suffix", "best_of"), ["prompt"]),
+    }, _DROPPED + ("suffix", "best_of"), ["prompt", "stream"]),
     "TokenizeBody": ({}, ("model",), []),
     "DetokenizeBody": ({"tokens": {"type": "array", "items": _TOKEN, "maxItems": 64}}, ("model",), ["tokens"]),
 }

@@ -51,7 +51,8 @@ def json_operation(body: type[msgspec.Struct], streams: bool = False) -> dict[st
     (body_ref, error_ref), defs = msgspec.json.schema_components([body, ErrorResponse], ref_template=_REF_TEMPLATE)
     ok = {"application/json": {"schema": {"type": "object"}}}
     if streams:
-        ok["text/event-stream"] = {"schema": {"type": "string"}}
+        # no schema: a schema here would describe each event, and the events are the route's chunks
+        ok["text/event-stream"] = {}
     error = {"application/json": {"schema": error_ref}}
     return {
         "requestBody": {"required": True, "content": {"application/json": {"schema": body_ref}}},
