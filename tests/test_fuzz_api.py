@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+import httpx
 import msgspec
 import pytest
 
@@ -94,6 +95,7 @@ def test_api_process_stays_light():
 def _fuzzer():
     spec = importlib.util.spec_from_file_location("fuzz_api", REPO / "benchmarks" / "fuzz_api.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -104,6 +106,11 @@ def test_fuzz_the_json_routes(tmp_path):
     fuzz = _fuzzer()
     server = SkiffServer(*fuzz.TINY_SERVER_ARGS, env={"TMPDIR": str(tmp_path)}).start()
     try:
+        # what the first fuzz runs found: each of these ended the scheduler (and so the server)
+        for extreme in ({"top_p": 1e-300}, {"temperature": 1e-300}, {"repetition_penalty": 1e-300, "top_p": 0.5}):
+            r = httpx.post(server.url + "/v1/completions", json={"prompt": "a b a b", "max_tokens": 4, **extreme},
+                           timeout=60)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, (extreme, r.text)
         report = fuzz.run_fuzz(server.url, cases=300, seed_value=0, timeout_s=60)
         after = fuzz.server_still_serves(server.url)
         assert report.failures == [], "\n\n".join(report.failures[:10])
