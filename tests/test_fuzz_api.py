@@ -82,6 +82,12 @@ def test_responses_document_streams_and_openai_errors(document, path):
     assert set(detail["required"]) == {"message", "type", "param", "code"}
 
 
+def test_error_bodies_match_the_documented_error_schema():
+    from server.openapi import ErrorResponse
+    body = protocol.error_body("bad value", param="top_p", code="x")
+    assert msgspec.to_builtins(msgspec.convert(body, ErrorResponse)) == body
+
+
 def test_api_process_stays_light():
     """The OpenAPI module adds no heavy import to the API process."""
     import subprocess
