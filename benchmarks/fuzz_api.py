@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -68,6 +67,7 @@ class FuzzReport:
     seconds: float = 0.0
     statuses: Counter = field(default_factory=Counter)
     by_operation: dict[str, Counter] = field(default_factory=dict)
+    by_mode: dict[str, Counter] = field(default_factory=dict)
     streams: int = 0  # 200 answers that were SSE
     failures: list[str] = field(default_factory=list)
 
@@ -75,6 +75,7 @@ class FuzzReport:
         return {"cases": self.cases, "seconds": round(self.seconds, 1),
                 "statuses": dict(sorted(self.statuses.items())), "streams": self.streams,
                 "by_operation": {op: dict(sorted(c.items())) for op, c in self.by_operation.items()},
+                "by_mode": {mode: dict(sorted(c.items())) for mode, c in self.by_mode.items()},
                 "failures": self.failures}
 
 
@@ -218,7 +219,7 @@ def run_fuzz(url: str, cases: int, seed_value: int = 0, timeout_s: float = 120.0
     for schema in schemas.values():
         schema.config.max_stream_events = MAX_STREAM_EVENTS  # read streams to the end, not the first 20 events
     report = FuzzReport()
-    per_run = max(1, cases // (len(OPERATIONS) * len(MODES)))
+    per_run = max(1, -(-cases // (len(OPERATIONS) * len(MODES))))  # at least `cases` in all
     session = requests.Session()
     start = time.monotonic()
     for path in OPERATIONS:
@@ -226,6 +227,7 @@ def run_fuzz(url: str, cases: int, seed_value: int = 0, timeout_s: float = 120.0
         for mode in MODES:
             operation = schemas["narrowed" if mode == "narrowed" else "documented"][path]["POST"]
             generation = GenerationMode.NEGATIVE if mode == "negative" else GenerationMode.POSITIVE
+            mode_statuses = report.by_mode.setdefault(mode, Counter())
             @seed(seed_value)
             @settings(max_examples=per_run, deadline=None, database=None, phases=[Phase.generate],
                       suppress_health_check=list(HealthCheck), derandomize=False)
@@ -239,6 +241,7 @@ def run_fuzz(url: str, cases: int, seed_value: int = 0, timeout_s: float = 120.0
                     return
                 report.statuses[response.status_code] += 1
                 statuses[response.status_code] += 1
+                mode_statuses[response.status_code] += 1
                 if response.status_code == 200 and _content_type(response).startswith("text/event-stream"):
                     report.streams += 1
                 for problem in _check(case, response):
@@ -265,29 +268,6 @@ def server_still_serves(url: str) -> Optional[str]:
     return None
 
 
-def _start_tiny_server() -> tuple[subprocess.Popen, str]:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "server", *TINY_SERVER_ARGS, "--device", "cpu",
-                             "--dtype", "float32", "--port", str(port)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError("the server did not become healthy")
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=10000)
@@ -295,14 +275,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--url", help="a running server (default: start one on the tiny dummy model)")
     parser.add_argument("--max-failures-shown", type=int, default=20)
     args = parser.parse_args(argv)
-    proc, url = (None, args.url.rstrip("/")) if args.url else _start_tiny_server()
+    server = None
+    if args.url:
+        url = args.url.rstrip("/")
+    else:
+        sys.path.insert(0, str(REPO / "tests"))
+        from conftest import SkiffServer  # the tests' server harness: a free port, waits for /health
+        server = SkiffServer(*TINY_SERVER_ARGS).start()
+        url = server.url
     try:
         report = run_fuzz(url, args.cases, args.seed, log_every=500)
         after = server_still_serves(url)
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+        if server is not None:
+            server.stop()
     out = report.as_dict()
     out["failures"] = report.failures[:args.max_failures_shown]
     out["failure_count"] = len(report.failures)
