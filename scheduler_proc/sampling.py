@@ -61,6 +61,9 @@ class SamplingError(InvalidParam):
 # ----------------------------------------------------------------------------- counter-based RNG
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+# Bound of a repetition-penalized logit: far beyond any real logit, and finite even after the
+# division by the smallest temperature that is sampled (server.ipc.GREEDY_TEMPERATURE).
+_MAX_PENALIZED_LOGIT = 1e30
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _STREAM_SEEDED = np.uint64(0x5EED5EED5EED5EED)
 _STREAM_ENGINE = np.uint64(0xE461E461E461E461)
@@ -259,7 +262,10 @@ def _penalty_pairs(params, prompt_ids, output_ids, V: int, dev: torch.device):
         keys, _ = _unique(np.concatenate(
             [_row_keys(i, prompt_ids[i], V) for i in rep_rows]
             + [_row_keys(i, output_ids[i], V) for i in rep_rows]))
-        factor = np.array([p.repetition_penalty for p in params], dtype=np.float32)
+        # inside float32's normal range: 1e-300 would round to 0 and 1e300 to inf (0 / 0, 0 * inf: NaN)
+        f32 = np.finfo(np.float32)
+        factor = np.clip(np.array([p.repetition_penalty for p in params], dtype=np.float64),
+                         f32.tiny, f32.max).astype(np.float32)
         repetition = _to_pairs(keys, factor[keys // V], V, dev)
 
     add_keys, add_vals = [], []
@@ -529,7 +535,9 @@ class Sampler:
         if info.repetition is not None:
             r = info.repetition
             vals = logits[r.rows, r.cols]
-            logits[r.rows, r.cols] = torch.where(vals > 0, vals / r.values, vals * r.values)
+            penalized = torch.where(vals > 0, vals / r.values, vals * r.values)
+            # a tiny penalty would overflow float32 (inf logits: a NaN distribution)
+            logits[r.rows, r.cols] = penalized.clamp_(-_MAX_PENALIZED_LOGIT, _MAX_PENALIZED_LOGIT)
         if info.additive is not None:
             a = info.additive
             logits[a.rows, a.cols] += a.values
@@ -571,7 +579,10 @@ class Sampler:
             # acceptance, and if the candidate is rejected they are what the next draw is from
             p_cand = cur.gather(1, cand.unsqueeze(1))
             kept = torch.gt(cur, p_cand, out=torch.empty_like(cur)).mul_(cur)
-            rej = (kept.sum(dim=-1) >= limit).nonzero().squeeze(1)
+            mass = kept.sum(dim=-1)
+            # mass 0: the candidate is the most likely token, which is always in the nucleus (a
+            # top_p that is 0 in float32, e.g. 1e-300, would otherwise reject it forever)
+            rej = ((mass >= limit) & (mass > 0)).nonzero().squeeze(1)
             if rej.numel() == 0:
                 break
             idx, cur, limit = idx[rej], kept[rej], limit[rej]

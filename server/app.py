@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import ipc, protocol
+from server import ipc, openapi, protocol
 from server.config import ServerConfig
 from server.engine_client import EngineClient, EngineDead, RequestGroup
 from server.metrics import Metrics
@@ -193,6 +193,7 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
         await client.close()
 
     app = FastAPI(title="Skiff", lifespan=lifespan)
+    openapi.install(app)  # the msgspec body schemas of the routes below go into /openapi.json
 
     # ------------------------------------------------------------------ errors
 
@@ -332,7 +333,8 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
 
     # ------------------------------------------------------------------ chat
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions",
+              openapi_extra=openapi.json_operation(protocol.ChatCompletionRequest, streams=True))
     async def chat_completions(request: Request):
         req = await _body(request, protocol.ChatCompletionRequest)
         _check_model(req.model)
@@ -408,7 +410,7 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
 
     # ------------------------------------------------------------------ completions
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi.json_operation(protocol.CompletionRequest, streams=True))
     async def completions(request: Request):
         req = await _body(request, protocol.CompletionRequest)
         _check_model(req.model)
@@ -551,7 +553,7 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
             return _error_response(400, res.message or "cannot flush the cache now")
         return {"success": True, "message": "the prefix cache was flushed"}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=openapi.json_operation(protocol.TokenizeBody))
     async def tokenize(request: Request):
         req = await _body(request, protocol.TokenizeBody)
         _check_model(req.model)
@@ -569,7 +571,7 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
             body["token_strs"] = res.token_strs
         return body
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=openapi.json_operation(protocol.DetokenizeBody))
     async def detokenize(request: Request):
         req = await _body(request, protocol.DetokenizeBody)
         _check_model(req.model)

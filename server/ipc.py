@@ -20,10 +20,13 @@ class GrammarSpec(msgspec.Struct, frozen=True):
     spec: str = ""
 
 
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily
+
+
 class SamplingParams(msgspec.Struct):
     """Per-request generation parameters, validated by the API server before they reach the engine.
 
-    Engine semantics: temperature 0 is greedy; top_k <= 0 and top_p == 1 and min_p == 0 disable
+    Engine semantics: temperature 0 (or below GREEDY_TEMPERATURE) is greedy; top_k <= 0 and top_p == 1 and min_p == 0 disable
     those filters; penalties at their neutral values (1.0 / 0.0) cost nothing.
     """
 
@@ -49,7 +52,9 @@ class SamplingParams(msgspec.Struct):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # Below GREEDY_TEMPERATURE the draw is the argmax anyway, and dividing float32 logits by
+        # a tinier temperature overflows to inf (a NaN distribution).
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
 # ----------------------------------------------------------------------------- requests (inbound)

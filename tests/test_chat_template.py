@@ -193,3 +193,10 @@ def test_detokenizer_worker_fails_one_request_and_goes_on(tok, caplog, monkeypat
     worker.start(ipc.RequestStarted("last", params, []))
     err = worker.process(ipc.TokenOutput("last", [666], "length", 3, 0, 1))
     assert isinstance(err, ipc.ErrorOutput) and not err.abort_upstream
+
+
+def test_help_renders():
+    """`python -m server --help` printed a traceback: argparse %-formats help texts, and
+    --chat-template's mentions '{%'."""
+    from server.config import build_parser
+    assert "'{%' or '{#'" in " ".join(build_parser().format_help().split())

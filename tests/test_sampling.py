@@ -562,3 +562,33 @@ def test_cuda_build_and_sample_never_wait_for_the_device():
         torch.cuda.set_sync_debug_mode("default")
     tokens = out.token_ids.tolist()
     assert tokens[6] >= 128 and all(0 <= t < V for t in tokens)
+
+
+# ----------------------------------------------------------------------------- extreme values (found by fuzzing the API)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(top_p=1e-300),  # 0 in float32: the rejection loop never accepted the top token
+    SamplingParams(temperature=1e-300),  # logits / 0: inf, a NaN distribution, an out-of-vocabulary id
+    SamplingParams(temperature=1e-40, top_p=0.5),
+], ids=["top_p_1e-300", "temperature_1e-300", "temperature_1e-40"])
+def test_vanishing_top_p_or_temperature_is_the_argmax(params):
+    V = 300
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(8))
+    out = Sampler(V, [EOS]).sample(logits.clone(), build([params] * 3, V=V))
+    assert torch.equal(out.token_ids, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 1e-40, 1e300])
+def test_extreme_repetition_penalty_stays_inside_the_vocabulary(penalty):
+    """Penalized logits stay finite, so the draw is a real token (before: NaN weights, id 1023 of 100)."""
+    V = 100
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(9))
+    seen = [[30, 59, 5]] * 4
+    params = [SamplingParams(repetition_penalty=penalty), SamplingParams(repetition_penalty=penalty, temperature=1e-3),
+              SamplingParams(repetition_penalty=penalty, top_p=0.5), SamplingParams(repetition_penalty=penalty, seed=1)]
+    out = Sampler(V, [EOS]).sample(logits.clone(), build(params, prompt_ids=seen, V=V))
+    assert ((out.token_ids >= 0) & (out.token_ids < V)).all(), out.token_ids
+    if penalty < 1:  # the seen tokens' positive logits are boosted to the top
+        boosted = [t for t in (30, 59, 5) if logits[1, t] > 0]
+        assert not boosted or int(out.token_ids[1]) in boosted
