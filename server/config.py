@@ -50,6 +50,11 @@ class ServerConfig:
     disable_pdl: bool = False
     cuda_graph_max_bs: Optional[int] = None
     num_threads: Optional[int] = None  # CPU: torch intra-op threads (default: all cores)
+    # --- speculative decoding ---
+    speculative_algorithm: Optional[str] = None  # None | ngram
+    speculative_num_draft_tokens: int = 4
+    speculative_prompt_lookup_max: int = 4
+    speculative_prompt_lookup_min: int = 2
     log_level: str = "info"
 
     @property
@@ -109,6 +114,14 @@ _HELP = {
     "cuda_graph_max_bs": "Largest decode batch captured in a CUDA graph (default: sized to the GPU).",
     "num_threads": "CPU only: torch threads per scheduler process (default: the cores left after the "
     "other server processes, split across TP ranks; in-process engines use all cores).",
+    "speculative_algorithm": "Speculative decoding: ngram drafts by prompt lookup (the tokens that followed "
+    "the latest earlier occurrence of the last n tokens of prompt + output) and the model verifies them, "
+    "several tokens per step where text repeats. Greedy requests without logprobs, penalties, logit_bias, "
+    "min_tokens or grammar are drafted; others decode one token at a time. CPU, or CUDA with "
+    "--disable-overlap --disable-cuda-graph, for now (default: off).",
+    "speculative_num_draft_tokens": "Most draft tokens verified per request and step.",
+    "speculative_prompt_lookup_max": "ngram: longest n-gram matched (vLLM's prompt_lookup_max).",
+    "speculative_prompt_lookup_min": "ngram: shortest n-gram matched (vLLM's prompt_lookup_min).",
     "log_level": "debug, info, warning or error.",
 }
 
@@ -119,6 +132,7 @@ _CHOICES = {
     "device": ["auto", "cpu", "cuda"],
     "attention_backend": ["auto", "flashinfer", "triton", "torch"],
     "log_level": ["debug", "info", "warning", "error"],
+    "speculative_algorithm": ["ngram"],
 }
 
 
@@ -140,6 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def speculative_config_error(cfg: ServerConfig) -> Optional[str]:
+    """Why the speculative-decoding settings are invalid, or None (device combinations are the
+    engine's to judge, once the device is known)."""
+    if cfg.speculative_algorithm is None:
+        return None
+    if cfg.speculative_algorithm != "ngram":
+        return f"--speculative-algorithm {cfg.speculative_algorithm!r} is not supported (choices: ngram)"
+    if cfg.speculative_num_draft_tokens < 1:
+        return "--speculative-num-draft-tokens must be >= 1"
+    if not 1 <= cfg.speculative_prompt_lookup_min <= cfg.speculative_prompt_lookup_max:
+        return "--speculative-prompt-lookup-min must be >= 1 and <= --speculative-prompt-lookup-max"
+    return None
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> ServerConfig:
     ns = build_parser().parse_args(argv)
     cfg = ServerConfig(**vars(ns))
@@ -153,6 +181,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ServerConfig:
                          "must be >= 1, --max-queued-requests >= 0")
     if not cfg.schedule_conservativeness >= 0:
         raise SystemExit("--schedule-conservativeness must be >= 0")
+    spec_error = speculative_config_error(cfg)
+    if spec_error is not None:
+        raise SystemExit(spec_error)
     if cfg.chat_template is not None:
         # Checked here so a bad flag fails before the model loads (jinja2 only, no torch).
         from tokenizer_proc.tokenizer import ChatTemplateError, compile_chat_template, resolve_chat_template
@@ -164,4 +195,5 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ServerConfig:
     return cfg
 
 
-__all__ = ["ServerConfig", "build_parser", "parse_args", "EMBEDDED_MODEL_NAME", "field"]
+__all__ = ["ServerConfig", "build_parser", "parse_args", "speculative_config_error", "EMBEDDED_MODEL_NAME",
+           "field"]
