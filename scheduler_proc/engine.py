@@ -21,6 +21,7 @@ from scheduler_proc.models.loader import load_model_config, resolve_dtype
 from scheduler_proc.request import Req
 from scheduler_proc.sampling import Sampler, SamplingBatch
 from scheduler_proc.scheduler import NeedsSync, ScheduleBatch, ScheduledItem, Scheduler
+from scheduler_proc.spec import create_drafter, verify_greedy
 from scheduler_proc.step_timeline import StepTimeline
 from server.config import ServerConfig
 from server.ipc import ErrorOutput, SamplingParams, SchedulerStats, TokenizedRequest, TokenOutput, TopLogprobs
@@ -45,6 +46,18 @@ class ForwardResult:
     batch: ScheduleBatch
     sampled: list[ScheduledItem]
     logits: Optional[torch.Tensor]  # [len(sampled), V]; None when nothing samples
+    verify: Optional["VerifyRows"] = None  # the batch's verify-extends, when it has any
+
+
+@dataclass
+class VerifyRows:
+    """A batch's speculative verify-extends and the logits of all their positions, in item order
+    (1 + len(draft_ids) rows each); after `_sample`, `targets` holds the rows' argmax on its way
+    to the host instead."""
+
+    items: list[ScheduledItem]
+    logits: Optional[torch.Tensor]
+    targets: Optional[HostCopy] = None
 
 
 @dataclass
@@ -54,6 +67,7 @@ class StepResult:
     batch: ScheduleBatch
     sampled: list[ScheduledItem]
     host: HostCopy
+    verify: Optional[VerifyRows] = None
 
 
 @dataclass
@@ -82,6 +96,7 @@ class Engine:
         if self.device.type == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.drafter = create_drafter(config, self.device.type)  # before the model loads: fail fast
         self.spec = load_model_config(config)
         self.max_model_len = self.spec.max_model_len
         self.vocab_size = self.spec.vocab_size
@@ -97,7 +112,8 @@ class Engine:
         self.scheduler = Scheduler(self.cache, self.allocator, self.page_size, token_budget,
                                    config.max_running_requests,
                                    cache_unfinished=not config.disable_radix_cache,
-                                   schedule_conservativeness=config.schedule_conservativeness)
+                                   schedule_conservativeness=config.schedule_conservativeness,
+                                   drafter=self.drafter, num_draft_tokens=config.speculative_num_draft_tokens)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, self.device)
         self.tp_group = tp_group
         self._grammar: Optional[GrammarBackend] = None  # built at the first grammar request
@@ -114,6 +130,9 @@ class Engine:
         self.num_steps = 0
         self.generated_tokens = 0
         self.computed_tokens = 0  # tokens run through the model (prefill + decode), for tests and stats
+        self.spec_draft_tokens = 0  # speculative decoding: drafts verified
+        self.spec_accepted_tokens = 0  # and accepted
+        self.spec_verifications = 0  # verify-extends run (mean accepted length = accepted / this + 1)
 
     # ------------------------------------------------------------------ request intake
 
@@ -227,7 +246,10 @@ class Engine:
         self.computed_tokens += batch.num_tokens
         echo = {it.req.rid for it in batch.items
                 if it.req.params.prompt_logprobs and it.start < len(it.req.input_ids)}
-        fwd = self.runner.prepare(batch, echo)
+        all_rows = echo  # items whose every position gets logits
+        if batch.num_draft_tokens:
+            all_rows = echo | {it.req.rid for it in batch.items if it.draft_ids}
+        fwd = self.runner.prepare(batch, all_rows)
         if self.timeline is not None:  # after the host work: the device waits for it
             self.timeline.begin()
         logits = self.runner.forward(fwd)
@@ -235,7 +257,7 @@ class Engine:
         sample_rows, sampled, echo_rows = [], [], []
         row = 0
         for item in batch.items:
-            n = item.q_len if item.req.rid in echo else (1 if item.sample else 0)
+            n = item.q_len if item.req.rid in all_rows else (1 if item.sample else 0)
             if item.req.rid in echo:
                 echo_rows.append((item, row, n))
             if item.sample:
@@ -247,11 +269,24 @@ class Engine:
         for item in batch.items:
             item.req.num_computed += item.q_len
             item.req.inflight_steps += 1
+        verify = self._verify_rows(batch, all_rows, logits) if batch.num_draft_tokens else None
         if sampled and len(sample_rows) != logits.shape[0]:
             logits = logits[sample_rows]
         if self.timeline is not None:
             self.timeline.end()
-        return ForwardResult(batch, sampled, logits if sampled else None)
+        return ForwardResult(batch, sampled, logits if sampled else None, verify)
+
+    @staticmethod
+    def _verify_rows(batch: ScheduleBatch, all_rows: set, logits: torch.Tensor) -> VerifyRows:
+        """Pick the verify-extends' rows out of the forward's logits (laid out as in `_forward`)."""
+        items, rows, row = [], [], 0
+        for item in batch.items:
+            n = item.q_len if item.req.rid in all_rows else (1 if item.sample else 0)
+            if item.draft_ids:
+                items.append(item)
+                rows += range(row, row + n)
+            row += n
+        return VerifyRows(items, logits[rows])
 
     def _sample(self, fwd: ForwardResult) -> StepResult:
         """Sample the forward's rows (grammar mask, penalties) without waiting for the device; every
@@ -276,7 +311,10 @@ class Engine:
             if self.timeline is not None:
                 self.timeline.end()
         host = self.runner.to_host(out)
-        return StepResult(fwd.batch, fwd.sampled, host)
+        if fwd.verify is not None:  # greedy verification: the target's choice at every position
+            fwd.verify.targets = HostCopy([self.sampler.argmax(fwd.verify.logits)])
+            fwd.verify.logits = None
+        return StepResult(fwd.batch, fwd.sampled, host, fwd.verify)
 
     def _process(self, result: StepResult) -> list[TokenOutput]:
         """Resolve a launched step's tokens on the host, finish requests, collect outputs."""
@@ -318,7 +356,48 @@ class Engine:
                 self.scheduler.cache_prefix(req)
             if req.finished or (req.stream and self._stream_due(req)):
                 outputs.append(self._output(req))
+        if result.verify is not None:
+            outputs += self._process_verified(result.verify)
         self.num_steps += 1
+        return outputs
+
+    def _process_verified(self, verify: VerifyRows) -> list[TokenOutput]:
+        """Accept each verify-extend's agreeing drafts plus the target's next token, stopping at a
+        finish (EOS, stop ids, max_tokens); roll the KV back to the accepted tokens."""
+        targets = verify.targets.wait().token_ids
+        outputs: list[TokenOutput] = []
+        row = 0
+        for item in verify.items:
+            req, drafts = item.req, item.draft_ids
+            rows = targets[row: row + item.q_len]
+            row += item.q_len
+            if req.finished:  # aborted while this step ran: its output went out with the abort
+                req.num_computed = min(req.num_computed, req.seq_len)
+                if req.inflight_steps == 0:
+                    self._retire(req)
+                continue
+            verified = verify_greedy(drafts, rows)
+            self.spec_verifications += 1
+            self.spec_draft_tokens += len(drafts)
+            self.spec_accepted_tokens += verified.num_accepted
+            self.drafter.observe(req, len(drafts), verified.num_accepted)
+            for token in verified.tokens:
+                req.output_ids.append(token)
+                req.num_resolved += 1
+                self.generated_tokens += 1
+                self._check_finish(req, token)
+                if req.finished:
+                    break
+            # KV stays valid up to the newest token, which (as after any step) has none yet; the
+            # rejected positions' pages go back, so the cache can only ever get accepted tokens.
+            req.num_computed = req.seq_len - 1
+            self.scheduler.roll_back(req)
+            if req.finished:
+                if req.inflight_steps == 0:
+                    self._retire(req)
+                outputs.append(self._output(req))
+            elif req.stream and self._stream_due(req):
+                outputs.append(self._output(req))
         return outputs
 
     def _stream_due(self, req: Req) -> bool:
@@ -452,6 +531,7 @@ class Engine:
             prefix_cache_tokens=self.cache.num_evictable_pages * self.page_size,
             cache_hit_rate=self.scheduler.hit_rate, num_retractions=self.scheduler.num_retractions,
             num_evicted_pages=self.scheduler.num_evicted_pages, **self._grammar_stats(),
+            spec_draft_tokens=self.spec_draft_tokens, spec_accepted_tokens=self.spec_accepted_tokens,
         )
 
     def _grammar_stats(self) -> dict:

@@ -156,7 +156,8 @@ class ModelRunner:
 
         Host work is O(new tokens + sequences): the page list (O(context)) is gathered on the
         device from the page table. Logits are computed for each sampled item's last token, plus,
-        for items listed in `extra_logit_rows` (prompt logprobs), every token of the item in order.
+        for items listed in `extra_logit_rows` (prompt logprobs, verify-extends), every token of
+        the item in order.
         """
         ps = self.page_size
         input_ids: list[int] = []
@@ -170,6 +171,13 @@ class ModelRunner:
             end = start + q
             row0 = len(input_ids)
             input_ids += req.token_ids(start, end)
+            if extra_logit_rows and req.rid in extra_logit_rows:
+                # Every row's logits (prompt logprobs, speculative verification); a verify-extend's
+                # drafts follow the newest token, which is where `token_ids` stops.
+                input_ids += item.draft_ids
+                logit_rows += range(row0, row0 + q)
+            elif item.sample:
+                logit_rows.append(row0 + q - 1)
             positions += range(start, end)
             pages = req.pages
             out_loc += [pages[p // ps] * ps + p % ps for p in range(start, end)]
@@ -180,10 +188,6 @@ class ModelRunner:
             seq_lens.append(end)
             prefix_lens.append(start)
             q_lens.append(q)
-            if extra_logit_rows and req.rid in extra_logit_rows:
-                logit_rows += range(row0, row0 + q)
-            elif item.sample:
-                logit_rows.append(row0 + q - 1)
 
         slots = self.page_table.sync([it.req for it in batch.items], page_counts)
         t = self._to_device

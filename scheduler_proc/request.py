@@ -49,6 +49,7 @@ class Req:
     num_resolved: int = 0
     inflight_steps: int = 0  # launched steps whose results are not processed yet
     grammar: Any = None  # per-request grammar matcher state (structured outputs)
+    draft_state: Any = None  # the speculative drafter's per-request state (scheduler_proc/spec)
     # The device page table's row for this request and how many leading `pages` it mirrors
     # (scheduler_proc/page_table.py); `set_pages` invalidates the mirror.
     table_slot: int = -1

@@ -523,6 +523,11 @@ class Sampler:
         return SampleOutput(token_ids, lp, top_ids, top_vals, info.num_top_logprobs,
                             info.wants_logprobs)
 
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's most likely token over this sampler's vocabulary, from unprocessed logits
+        [N, V' >= vocab_size]: what a greedy row without penalties, bias, bans or mask samples."""
+        return _row_argmax(logits[:, :self.vocab_size])
+
     def prompt_logprobs(self, logits: torch.Tensor, next_ids, top_k: int) -> PromptLogprobs:
         """`prompt_logprobs` over this sampler's vocabulary."""
         return prompt_logprobs(logits, next_ids, top_k, self.vocab_size)

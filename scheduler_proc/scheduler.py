@@ -23,6 +23,7 @@ from typing import Optional
 
 from radix_cache.base import BasePageAllocator, BasePrefixCache
 from scheduler_proc.request import Req
+from scheduler_proc.spec import BaseDrafter, can_draft
 
 
 @dataclass
@@ -66,17 +67,23 @@ class NeedsSync(Exception):
 
 @dataclass
 class ScheduledItem:
-    """Compute `req.all_ids[start : start + q_len]`; sample after the last one when `sample`."""
+    """Compute `req.all_ids[start : start + q_len]`; sample after the last one when `sample`.
+
+    A speculative verify-extend instead computes the request's newest token followed by
+    `draft_ids` (q_len = 1 + len(draft_ids), sample False): the engine verifies all its positions.
+    """
 
     req: Req
     start: int
     q_len: int
     sample: bool
+    draft_ids: tuple[int, ...] = ()
 
 
 @dataclass
 class ScheduleBatch:
     items: list[ScheduledItem]
+    num_draft_tokens: int = 0  # over the verify-extends among the items
 
     @property
     def num_tokens(self) -> int:
@@ -90,7 +97,8 @@ class ScheduleBatch:
 class Scheduler:
     def __init__(self, cache: BasePrefixCache, allocator: BasePageAllocator, page_size: int,
                  chunked_prefill_size: int, max_running_requests: int, cache_unfinished: bool = True,
-                 schedule_conservativeness: float = 1.0):
+                 schedule_conservativeness: float = 1.0, drafter: Optional[BaseDrafter] = None,
+                 num_draft_tokens: int = 0):
         self.cache = cache
         self.allocator = allocator
         self.page_size = page_size
@@ -98,6 +106,8 @@ class Scheduler:
         self.max_running = max_running_requests
         self.cache_unfinished = cache_unfinished
         self.output_estimate = OutputEstimate(conservativeness=schedule_conservativeness)
+        self.drafter = drafter  # speculative decoding (scheduler_proc/spec); None: off
+        self.num_draft_tokens = num_draft_tokens
         self.waiting: list[Req] = []  # sorted by arrival
         self.running: list[Req] = []  # admitted, sorted by arrival
         self.num_retractions = 0
@@ -130,10 +140,15 @@ class Scheduler:
     # ------------------------------------------------------------------ scheduling
 
     def schedule(self) -> Optional[ScheduleBatch]:
-        items: list[ScheduledItem] = []
         decodes = self._schedule_decodes()
-        items += [ScheduledItem(r, r.num_computed, 1, True) for r in decodes]
-        budget = self.token_budget - len(decodes)
+        num_drafts = 0
+        if self.drafter is None:
+            items = [ScheduledItem(r, r.num_computed, 1, True) for r in decodes]
+            budget = self.token_budget - len(decodes)
+        else:
+            items = self._draft(decodes)
+            num_drafts = sum(len(it.draft_ids) for it in items)
+            budget = self.token_budget - len(decodes) - num_drafts
 
         for req in self.running:
             if budget <= 0:
@@ -171,7 +186,7 @@ class Scheduler:
                 raise NeedsSync
             self.retract(self.running[-1])
             return self.schedule()
-        return ScheduleBatch(items) if items else None
+        return ScheduleBatch(items, num_drafts) if items else None
 
     def _schedule_decodes(self) -> list[Req]:
         decodes = [r for r in self.running if r.is_decoding and r.wants_more]
@@ -186,6 +201,43 @@ class Scheduler:
         for r in decodes:
             self._alloc(r, 1)
         return decodes
+
+    def _draft(self, decodes: list[Req]) -> list[ScheduledItem]:
+        """Decode items for `decodes`, drafted ones as verify-extends (see ScheduledItem).
+
+        Drafts fit inside the token budget left after one token per decode and the request's
+        output budget (the target's own token still follows them); their pages come from free
+        or evictable pages, and a request whose drafts do not fit decodes plainly.
+        """
+        eligible, limits = [], []
+        for r in decodes:
+            limit = min(self.num_draft_tokens, r.max_new_tokens - len(r.output_ids) - 1)
+            if limit >= 1 and can_draft(r):
+                eligible.append(r)
+                limits.append(limit)
+        drafts = dict(zip(eligible, self.drafter.propose(eligible, limits))) if eligible else {}
+        room = self.token_budget - len(decodes)
+        items = []
+        for r in decodes:
+            ids = tuple(drafts.get(r, ())[:max(room, 0)])
+            if ids and not self._make_free(self._pages_needed(r, 1 + len(ids))):
+                ids = ()
+            if ids:
+                self._alloc(r, 1 + len(ids))
+                room -= len(ids)
+                items.append(ScheduledItem(r, r.num_computed, 1 + len(ids), False, ids))
+            else:
+                items.append(ScheduledItem(r, r.num_computed, 1, True))
+        return items
+
+    def roll_back(self, req: Req) -> None:
+        """Free the pages past `req.num_computed` (a verify-extend's rejected positions); the
+        device table keeps mirroring the shorter page list."""
+        keep = max(-(-req.num_computed // self.page_size), req.num_tree_pages)
+        if len(req.pages) > keep:
+            self.allocator.free(req.pages[keep:])
+            del req.pages[keep:]
+            req.table_len = min(req.table_len, keep)
 
     def _schedule_chunk(self, req: Req, budget: int) -> Optional[ScheduledItem]:
         remaining = req.seq_len - req.num_computed

@@ -57,6 +57,11 @@ class ServerConfig:
     # --- data parallelism (server/dp.py) ---
     dp_size: int = 1
     router_policy: str = "cache_aware"
+    # --- speculative decoding ---
+    speculative_algorithm: Optional[str] = None  # None | ngram
+    speculative_num_draft_tokens: int = 4
+    speculative_prompt_lookup_max: int = 4
+    speculative_prompt_lookup_min: int = 2
     log_level: str = "info"
 
     @property
@@ -133,6 +138,14 @@ _HELP = {
     "router_policy": "How sglang-router picks a replica when --dp-size > 1: cache_aware (the replica whose "
     "prefix cache most likely holds the prompt, unless loads are unbalanced), round_robin, random or "
     "power_of_two (the less loaded of two random replicas).",
+    "speculative_algorithm": "Speculative decoding: ngram drafts by prompt lookup (the tokens that followed "
+    "the latest earlier occurrence of the last n tokens of prompt + output) and the model verifies them, "
+    "several tokens per step where text repeats. Greedy requests without logprobs, penalties, logit_bias, "
+    "min_tokens or grammar are drafted; others decode one token at a time. CPU, or CUDA with "
+    "--disable-overlap --disable-cuda-graph, for now (default: off).",
+    "speculative_num_draft_tokens": "Most draft tokens verified per request and step.",
+    "speculative_prompt_lookup_max": "ngram: longest n-gram matched (vLLM's prompt_lookup_max).",
+    "speculative_prompt_lookup_min": "ngram: shortest n-gram matched (vLLM's prompt_lookup_min).",
     "log_level": "debug, info, warning or error.",
 }
 
@@ -144,6 +157,7 @@ _CHOICES = {
     "attention_backend": ["auto", "flashinfer", "triton", "torch"],
     "log_level": ["debug", "info", "warning", "error"],
     "router_policy": ["cache_aware", "round_robin", "random", "power_of_two"],
+    "speculative_algorithm": ["ngram"],
 }
 
 
@@ -163,6 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
             help=_HELP[f.name] + (f" (default: {f.default})" if f.default not in (None, False) else ""),
         )
     return parser
+
+
+def speculative_config_error(cfg: ServerConfig) -> Optional[str]:
+    """Why the speculative-decoding settings are invalid, or None (device combinations are the
+    engine's to judge, once the device is known)."""
+    if cfg.speculative_algorithm is None:
+        return None
+    if cfg.speculative_algorithm != "ngram":
+        return f"--speculative-algorithm {cfg.speculative_algorithm!r} is not supported (choices: ngram)"
+    if cfg.speculative_num_draft_tokens < 1:
+        return "--speculative-num-draft-tokens must be >= 1"
+    if not 1 <= cfg.speculative_prompt_lookup_min <= cfg.speculative_prompt_lookup_max:
+        return "--speculative-prompt-lookup-min must be >= 1 and <= --speculative-prompt-lookup-max"
+    return None
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> ServerConfig:
@@ -190,6 +218,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ServerConfig:
                              "multi-node servers instead")
     if not cfg.schedule_conservativeness >= 0:
         raise SystemExit("--schedule-conservativeness must be >= 0")
+    spec_error = speculative_config_error(cfg)
+    if spec_error is not None:
+        raise SystemExit(spec_error)
     if cfg.chat_template is not None:
         # Checked here so a bad flag fails before the model loads (jinja2 only, no torch).
         from tokenizer_proc.tokenizer import ChatTemplateError, compile_chat_template, resolve_chat_template
@@ -214,4 +245,5 @@ def to_argv(cfg: ServerConfig) -> list[str]:
     return argv
 
 
-__all__ = ["ServerConfig", "build_parser", "parse_args", "to_argv", "EMBEDDED_MODEL_NAME", "field"]
+__all__ = ["ServerConfig", "build_parser", "parse_args", "to_argv", "speculative_config_error", "EMBEDDED_MODEL_NAME",
+           "field"]

@@ -141,6 +141,8 @@ class SchedulerStats(msgspec.Struct, tag=True):
     grammar_cache_misses: int = 0
     grammar_compile_failures: int = 0
     grammar_mask_fill_s: float = 0.0
+    spec_draft_tokens: int = 0  # speculative decoding: draft tokens verified
+    spec_accepted_tokens: int = 0  # and the ones the target agreed with
 
 
 # ----------------------------------------------------------------------------- server-side messages

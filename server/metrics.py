@@ -17,7 +17,10 @@ _TOTALS = (("num_retractions", "skiff:num_retractions", "Running requests retrac
            ("grammar_cache_hits", "skiff:grammar_cache_hits", "Grammar compile cache hits."),
            ("grammar_cache_misses", "skiff:grammar_cache_misses", "Grammar compiles (cache misses)."),
            ("grammar_compile_failures", "skiff:grammar_compile_failures", "Grammars that failed to compile."),
-           ("grammar_mask_fill_s", "skiff:grammar_mask_fill_seconds", "CPU time spent filling grammar bitmasks."))
+           ("grammar_mask_fill_s", "skiff:grammar_mask_fill_seconds", "CPU time spent filling grammar bitmasks."),
+           ("spec_draft_tokens", "skiff:spec_draft_tokens", "Speculative decoding: draft tokens verified."),
+           ("spec_accepted_tokens", "skiff:spec_accepted_tokens",
+            "Speculative decoding: draft tokens the model accepted."))
 
 
 class Metrics:
