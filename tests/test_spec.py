@@ -120,7 +120,8 @@ def test_metrics_export_the_speculative_counters():
 
 
 def _engine(**kw) -> Engine:
-    return Engine(ServerConfig(dtype="float32", device="cpu", **kw))
+    # A small pool: the leak and invariant checks after every run walk all of its pages.
+    return Engine(ServerConfig(dtype="float32", device="cpu", **{"max_total_tokens": 16384, **kw}))
 
 
 @pytest.fixture(scope="module")
