@@ -461,6 +461,7 @@ async def soak(args: argparse.Namespace, base_url: str, pids: dict[int, str]) ->
             load = await run_load(base_url, model, args, args.duration_s, args.max_requests, rng)
             m, problem = await settle(ctl, args.settle_timeout)
         end = sampler.sample()
+        health = (await ctl.get("/health")).status_code
 
     counts = load.counts()
     report["load"] = {"elapsed_s": round(load.elapsed_s, 1), "requests": len(load.outcomes), **counts,
@@ -480,6 +481,7 @@ async def soak(args: argparse.Namespace, base_url: str, pids: dict[int, str]) ->
         not problem, problem or f"running {m['skiff:num_running_requests']:.0f}, waiting "
         f"{m['skiff:num_waiting_requests']:.0f}, kv_cache_usage {m['skiff:kv_cache_usage']}, "
         f"prefix_cache_tokens {m['skiff:prefix_cache_tokens']:.0f}")
+    checks["/health answers 200 afterwards"] = (health == 200, f"{health}")
     # The server counts a request it finished; one we dropped may have finished first or not.
     finished_end = finished_by_reason(m) if m else {}
     served = {k: finished_end.get(k, 0) - finished_after_warmup.get(k, 0) for k in finished_end}
