@@ -419,6 +419,10 @@ class RssSampler:
     def __init__(self, pids: dict[int, str], interval_s: float):
         self.pids, self.interval_s = pids, interval_s
         self.max: dict[int, float] = {}
+        # (seconds since the first sample, {pid: MiB}): tells a leak (steady growth) from an
+        # allocator settling at a new level.
+        self.series: list[tuple[float, dict[int, Optional[float]]]] = []
+        self._t0: Optional[float] = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -427,7 +431,14 @@ class RssSampler:
         for pid, v in now.items():
             if v is not None:
                 self.max[pid] = max(self.max.get(pid, 0.0), v)
+        t = time.monotonic()
+        self._t0 = self._t0 if self._t0 is not None else t
+        self.series.append((t - self._t0, now))
         return now
+
+    def at_fraction(self, pid: int, frac: float) -> Optional[float]:
+        """The sample `frac` of the way through the series."""
+        return self.series[round(frac * (len(self.series) - 1))][1].get(pid) if self.series else None
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -500,9 +511,15 @@ async def soak(args: argparse.Namespace, base_url: str, pids: dict[int, str]) ->
         growth = (e - b) / b if b and e else None
         good = growth is not None and growth <= args.rss_tolerance
         rss_ok &= good
-        rss[f"{name} ({pid})"] = {"after_warmup_mib": b and round(b, 1), "max_mib": mx and round(mx, 1),
-                                  "end_mib": e and round(e, 1), "growth": growth and round(growth, 4), "ok": good}
+        q = {f: sampler.at_fraction(pid, f) for f in (0.25, 0.5, 0.75)}
+        rss[f"{name} ({pid})"] = {"after_warmup_mib": b and round(b, 1),
+                                  **{f"at_{int(f * 100)}pct_mib": v and round(v, 1) for f, v in q.items()},
+                                  "max_mib": mx and round(mx, 1), "end_mib": e and round(e, 1),
+                                  "growth": growth and round(growth, 4), "ok": good}
     report["rss"] = rss
+    step = max(1, len(sampler.series) // 100)  # at most ~100 points in the JSON
+    report["rss_series"] = [{"t_s": round(t, 1), **{pids[pid]: v and round(v, 1) for pid, v in row.items()}}
+                            for t, row in sampler.series[::step]]
     checks[f"RSS within {args.rss_tolerance:.0%} of post-warm-up"] = (
         rss_ok, ", ".join(f"{k}: {v['growth']:+.1%}" if v["growth"] is not None else f"{k}: gone"
                           for k, v in rss.items()))
@@ -519,11 +536,13 @@ def print_summary(report: dict) -> None:
         print(f"{cls:<12}{load[cls]:>10}")
     print("by kind: " + ", ".join(f"{k} {v}" for k, v in load["by_kind"].items()))
     print(f"rejected by status: {load['rejected_status']}")
-    print(f"\n{'process':<28}{'after warm-up':>15}{'max':>10}{'end':>10}{'growth':>10}  (RSS MiB)")
+    print(f"\n{'process':<28}{'after warm-up':>15}{'25%':>9}{'50%':>9}{'75%':>9}{'max':>9}{'end':>9}"
+          f"{'growth':>9}  (RSS MiB; 25/50/75%: that far through the load)")
     for name, v in report["rss"].items():
         growth = f"{v['growth']:+.1%}" if v["growth"] is not None else "-"
-        print(f"{name:<28}{v['after_warmup_mib'] or '-':>15}{v['max_mib'] or '-':>10}{v['end_mib'] or '-':>10}"
-              f"{growth:>10}")
+        cols = "".join(f"{v[k] or '-':>9}" for k in ("at_25pct_mib", "at_50pct_mib", "at_75pct_mib", "max_mib",
+                                                       "end_mib"))
+        print(f"{name:<28}{v['after_warmup_mib'] or '-':>15}{cols}{growth:>9}")
     print()
     for name, (ok, detail) in report["checks"].items():
         print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}")
