@@ -49,6 +49,10 @@ from urllib.parse import urlparse
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+# Run as a script, this file's folder is first on sys.path; the server it tests is the checkout it
+# lives in (also the one `python -m server` starts from, with cwd=REPO).
+sys.path.insert(0, str(REPO))
+from server.procfs import child_pids, proc_name, rss_mib  # noqa: E402
 CLASSES = ("completed", "aborted", "rejected", "failed")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -287,37 +291,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def child_pids(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
-def proc_name(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return "?"
-
-
-def rss_mib(pid: int) -> Optional[float]:
-    """Resident set size from /proc/PID/status, MiB (None once the process is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 class ManagedServer:
@@ -590,7 +563,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     server: Optional[ManagedServer] = None
     if args.base_url:
         given = [int(x) for x in args.pids.split(",") if x.strip()]
-        pids = {pid: proc_name(pid) for pid in given}
+        pids = {pid: proc_name(pid) or "?" for pid in given}
         if len(given) == 1:
             pids.update({c: proc_name(c) for c in child_pids(given[0]) if proc_name(c).startswith("skiff-")})
         base_url = args.base_url.rstrip("/").removesuffix("/v1")
