@@ -17,6 +17,8 @@ import httpx
 import openai
 import pytest
 
+from server.procfs import child_pids, pid_alive, proc_name  # noqa: F401 (tests import them from here)
+
 REPO = Path(__file__).resolve().parent.parent
 # The shared server's context length: small, so "prompt too long" and "max_tokens defaults to the
 # rest of the context" are cheap to exercise on CPU.
@@ -27,37 +29,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of `pid` (from /proc)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # The ppid is the second field after the ")" closing the command name.
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            out.append(int(entry))
-    return out
-
-
-def proc_name(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def all_exit(pids, timeout_s: float = 5.0) -> bool:
