@@ -34,7 +34,6 @@ import os
 import random
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -52,7 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Run as a script, this file's folder is first on sys.path; the server it tests is the checkout it
 # lives in (also the one `python -m server` starts from, with cwd=REPO).
 sys.path.insert(0, str(REPO))
-from server.procfs import child_pids, proc_name, rss_mib  # noqa: E402
+from server.procfs import child_pids, proc_name, rss_mib, terminate  # noqa: E402
 CLASSES = ("completed", "aborted", "rejected", "failed")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -328,15 +327,7 @@ class ManagedServer:
 
     def stop(self, timeout_s: float = 60.0) -> Optional[int]:
         """SIGTERM, then the exit code (None if it had to be killed)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                return None
-        return self.proc.returncode
+        return terminate(self.proc, timeout_s)
 
 
 def parse_metrics(text: str) -> dict[str, float]:

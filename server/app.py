@@ -14,7 +14,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from importlib.metadata import version as _package_version
-from typing import AsyncIterator, Awaitable, Callable, Optional, TypeVar, Union
+from typing import AsyncIterator, Awaitable, Callable, Optional, TypeVar
 
 import msgspec
 from fastapi import FastAPI, Request

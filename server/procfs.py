@@ -5,6 +5,8 @@ Used by the tests and the soak script to find and watch a server's processes; st
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 from typing import Optional
 
@@ -54,3 +56,17 @@ def rss_mib(pid: int) -> Optional[float]:
     except OSError:
         pass
     return None
+
+
+def terminate(proc: subprocess.Popen, timeout_s: float) -> Optional[int]:
+    """SIGTERM `proc` and wait; kill it if it outlives `timeout_s`. Its exit code, or None when it
+    had to be killed (a clean stop never needs that)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return None
+    return proc.returncode

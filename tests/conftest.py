@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from server.procfs import child_pids, pid_alive, proc_name  # noqa: F401 (tests import them from here)
+from server.procfs import child_pids, pid_alive, proc_name, terminate  # noqa: F401 (tests import them from here)
 
 REPO = Path(__file__).resolve().parent.parent
 # The shared server's context length: small, so "prompt too long" and "max_tokens defaults to the
@@ -97,13 +96,7 @@ class SkiffServer:
     def stop(self, timeout_s: float = 30.0) -> Optional[int]:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout_s)
         return self.proc.returncode
 
     def wait_idle(self, timeout_s: float = 5.0) -> dict[str, float]:

@@ -20,7 +20,6 @@ from detokenizer_proc.process import DetokenizerWorker
 from server import ipc
 from server.bench.tokenizer import chat_token_ids
 from tokenizer_proc.process import RequestError, TokenizerWorker
-from tokenizer_proc.tokenizer import TextTokenizer
 from server.process_util import ModelInfo
 
 
