@@ -532,6 +532,7 @@ class Engine:
             cache_hit_rate=self.scheduler.hit_rate, num_retractions=self.scheduler.num_retractions,
             num_evicted_pages=self.scheduler.num_evicted_pages, **self._grammar_stats(),
             spec_draft_tokens=self.spec_draft_tokens, spec_accepted_tokens=self.spec_accepted_tokens,
+            spec_verifications=self.spec_verifications,
         )
 
     def _grammar_stats(self) -> dict:

@@ -143,6 +143,7 @@ class SchedulerStats(msgspec.Struct, tag=True):
     grammar_mask_fill_s: float = 0.0
     spec_draft_tokens: int = 0  # speculative decoding: draft tokens verified
     spec_accepted_tokens: int = 0  # and the ones the target agreed with
+    spec_verifications: int = 0  # verify-extends run (mean accepted length = accepted / this + 1)
 
 
 # ----------------------------------------------------------------------------- server-side messages

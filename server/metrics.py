@@ -20,7 +20,9 @@ _TOTALS = (("num_retractions", "skiff:num_retractions", "Running requests retrac
            ("grammar_mask_fill_s", "skiff:grammar_mask_fill_seconds", "CPU time spent filling grammar bitmasks."),
            ("spec_draft_tokens", "skiff:spec_draft_tokens", "Speculative decoding: draft tokens verified."),
            ("spec_accepted_tokens", "skiff:spec_accepted_tokens",
-            "Speculative decoding: draft tokens the model accepted."))
+            "Speculative decoding: draft tokens the model accepted."),
+           ("spec_verifications", "skiff:spec_verifications",
+            "Speculative decoding: verify steps of a request (mean accepted length = accepted / this + 1)."))
 
 
 class Metrics:

@@ -452,6 +452,20 @@ def test_server_cache_stats():
     assert server_cache_stats(None, gauge_only).hit_rate == 0.2
     assert server_cache_stats(None, None).hit_rate is None
     assert parse_prometheus("garbage {{{") == {}
+    assert stats.spec_acceptance is None  # no speculative counters: nothing to report
+
+
+def test_server_speculative_acceptance():
+    names = ("skiff:spec_accepted_tokens_total", "skiff:spec_draft_tokens_total", "skiff:spec_verifications_total")
+    before = dict(zip(names, (10.0, 20.0, 5.0)))
+    after = dict(zip(names, (40.0, 60.0, 15.0)))  # 30 of 40 drafts accepted over 10 verify steps
+    stats = server_cache_stats(before, after)
+    assert stats.spec_acceptance == pytest.approx(0.75) and stats.spec_tokens_per_step == pytest.approx(4.0)
+    assert server_cache_stats(before, before).spec_acceptance is None  # nothing drafted during the run
+    vllm = ("vllm:spec_decode_num_accepted_tokens_total", "vllm:spec_decode_num_draft_tokens_total",
+            "vllm:spec_decode_num_drafts_total")
+    stats = server_cache_stats(dict(zip(vllm, (0.0, 0.0, 0.0))), dict(zip(vllm, (5.0, 10.0, 5.0))))
+    assert stats.spec_acceptance == pytest.approx(0.5) and stats.spec_tokens_per_step == pytest.approx(2.0)
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -125,8 +125,17 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return samples
 
 
+# Speculative decoding's (accepted tokens, drafted tokens, verify steps) counters, by server.
+_SPEC_COUNTERS = (
+    ("skiff:spec_accepted_tokens_total", "skiff:spec_draft_tokens_total", "skiff:spec_verifications_total"),
+    ("vllm:spec_decode_num_accepted_tokens_total", "vllm:spec_decode_num_draft_tokens_total",
+     "vllm:spec_decode_num_drafts_total"),
+)
+
+
 def _relevant(samples: dict[str, float]) -> dict[str, float]:
-    keys = set(_RATE_GAUGES) | {name for pair in _COUNTER_PAIRS for name in pair}
+    keys = (set(_RATE_GAUGES) | {name for pair in _COUNTER_PAIRS for name in pair}
+            | {name for names in _SPEC_COUNTERS for name in names})
     return {k: v for k, v in samples.items() if k in keys or k.startswith("skiff:")}
 
 
@@ -142,23 +151,38 @@ class ServerCacheStats:
     hit_rate_source: Optional[str]
     before: dict[str, float]
     after: dict[str, float]
+    # speculative decoding over the run, where the server reports it and drafted anything:
+    # accepted / drafted tokens, and tokens gained per verify step (accepted / steps + 1)
+    spec_acceptance: Optional[float] = None
+    spec_tokens_per_step: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def _spec_stats(before: dict[str, float], after: dict[str, float]) -> tuple[Optional[float], Optional[float]]:
+    for accepted, drafted, steps in _SPEC_COUNTERS:
+        if all(name in before and name in after for name in (accepted, drafted, steps)):
+            delta = {name: after[name] - before[name] for name in (accepted, drafted, steps)}
+            if delta[drafted] > 0 and delta[steps] > 0:
+                return delta[accepted] / delta[drafted], delta[accepted] / delta[steps] + 1
+    return None, None
+
+
 def server_cache_stats(before: Optional[dict[str, float]], after: Optional[dict[str, float]]) -> ServerCacheStats:
     before, after = before or {}, after or {}
+    spec = _spec_stats(before, after)
+    hit_rate, source = None, None
     for hits, queries in _COUNTER_PAIRS:
         if all(name in before and name in after for name in (hits, queries)):
             asked = after[queries] - before[queries]
             if asked > 0:
-                return ServerCacheStats((after[hits] - before[hits]) / asked, f"{hits} / {queries}",
-                                        _relevant(before), _relevant(after))
-    for gauge in _RATE_GAUGES:
-        if gauge in after:
-            return ServerCacheStats(after[gauge], gauge, _relevant(before), _relevant(after))
-    return ServerCacheStats(None, None, _relevant(before), _relevant(after))
+                hit_rate, source = (after[hits] - before[hits]) / asked, f"{hits} / {queries}"
+                break
+    else:
+        source = next((gauge for gauge in _RATE_GAUGES if gauge in after), None)
+        hit_rate = after[source] if source is not None else None
+    return ServerCacheStats(hit_rate, source, _relevant(before), _relevant(after), *spec)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -203,6 +227,9 @@ def format_table(
         lines.append(_row("Prefix cache hit rate (usage)", f"{metrics.usage_cache_hit_rate:.2%}"))
     if cache is not None and cache.hit_rate is not None:
         lines.append(_row("Prefix cache hit rate (/metrics)", f"{cache.hit_rate:.2%}"))
+    if cache is not None and cache.spec_acceptance is not None:
+        lines.append(_row("Speculative acceptance rate", f"{cache.spec_acceptance:.2%}"))
+        lines.append(_row("Tokens per verify step", cache.spec_tokens_per_step))
     for name, short, stats in (
         ("End-to-End Latency", "E2E", metrics.e2e_ms),
         ("Time to First Token", "TTFT", metrics.ttft_ms),
