@@ -185,7 +185,7 @@ class EngineClient:
                 self.metrics.update_stats(msg)
             elif isinstance(msg, ipc.ErrorOutput):
                 if msg.abort_upstream and self.dead is None:  # failed in the detokenizer: free its KV
-                    self.to_tokenizer.send(ipc.encode(ipc.AbortRequest(msg.rid)))
+                    self.to_tokenizer.put(ipc.AbortRequest(msg.rid))
                 group = self.groups.pop(msg.rid, None)
                 if group is not None:
                     group.unfinished.discard(msg.rid)
