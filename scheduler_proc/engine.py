@@ -254,7 +254,7 @@ class Engine:
             self.timeline.begin()
         logits = self.runner.forward(fwd)
 
-        sample_rows, sampled, echo_rows = [], [], []
+        sample_rows, sampled, echo_rows, verify_items, verify_rows = [], [], [], [], []
         row = 0
         for item in batch.items:
             n = item.q_len if item.req.rid in all_rows else (1 if item.sample else 0)
@@ -263,30 +263,21 @@ class Engine:
             if item.sample:
                 sample_rows.append(row + n - 1)
                 sampled.append(item)
+            elif item.draft_ids:  # a verify-extend: the target's logits at every position
+                verify_items.append(item)
+                verify_rows += range(row, row + n)
             row += n
         for item, r0, n in echo_rows:
             self._record_prompt_logprobs(item, logits[r0: r0 + n])
         for item in batch.items:
             item.req.num_computed += item.q_len
             item.req.inflight_steps += 1
-        verify = self._verify_rows(batch, all_rows, logits) if batch.num_draft_tokens else None
+        verify = VerifyRows(verify_items, logits[verify_rows]) if verify_items else None
         if sampled and len(sample_rows) != logits.shape[0]:
             logits = logits[sample_rows]
         if self.timeline is not None:
             self.timeline.end()
         return ForwardResult(batch, sampled, logits if sampled else None, verify)
-
-    @staticmethod
-    def _verify_rows(batch: ScheduleBatch, all_rows: set, logits: torch.Tensor) -> VerifyRows:
-        """Pick the verify-extends' rows out of the forward's logits (laid out as in `_forward`)."""
-        items, rows, row = [], [], 0
-        for item in batch.items:
-            n = item.q_len if item.req.rid in all_rows else (1 if item.sample else 0)
-            if item.draft_ids:
-                items.append(item)
-                rows += range(row, row + n)
-            row += n
-        return VerifyRows(items, logits[rows])
 
     def _sample(self, fwd: ForwardResult) -> StepResult:
         """Sample the forward's rows (grammar mask, penalties) without waiting for the device; every
