@@ -20,7 +20,6 @@ Ctrl-C reaches only this process, which orders the stop) and get SIGTERM if this
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import logging
 import os
@@ -36,6 +35,7 @@ from typing import Callable, Optional
 import httpx
 
 from server.config import ServerConfig, to_argv
+from server.process_util import die_with_parent, usable_cores
 
 logger = logging.getLogger("skiff.dp")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every health poll at info
@@ -44,7 +44,6 @@ POLL_S = 0.2
 ROUTER_READY_TIMEOUT_S = 60.0
 STOP_MARGIN_S = 10.0  # past a replica's own drain grace before it is killed
 ROUTER_STOP_S = 5.0
-_PR_SET_PDEATHSIG = 1
 # Skiff's log levels in the router's words; its info level logs every request.
 _ROUTER_LOG_LEVEL = {"debug": "debug", "info": "warn", "warning": "warn", "error": "error"}
 
@@ -86,10 +85,6 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def plan_replicas(cfg: ServerConfig, gpus: list[str], cores: int,
                   port_for: Callable[[], int] = free_port) -> list[Replica]:
     """Split the machine into `cfg.dp_size` replicas: tp_size GPUs each when the server runs on GPUs,
@@ -121,10 +116,7 @@ def router_command(cfg: ServerConfig, worker_urls: list[str], metrics_port: int)
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: the children outlive a killed supervisor
+    die_with_parent(signal.SIGTERM)  # not Linux: the children outlive a killed supervisor
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import Optional
 import uvicorn
 
 from server.config import ServerConfig
-from server.process_util import IpcPaths, ModelInfo
+from server.process_util import IpcPaths, ModelInfo, usable_cores
 
 logger = logging.getLogger("skiff")
 
@@ -167,8 +167,7 @@ class Supervisor:
         neighbour process takes a core: on 2 cores, 2 threads stream ~3.5x fewer tokens/s than 1."""
         if self.config.num_threads is not None:
             return self.config
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return self.config.replace(num_threads=max(1, (cores - 1) // len(self.config.local_tp_ranks)))
+        return self.config.replace(num_threads=max(1, (usable_cores() - 1) // len(self.config.local_tp_ranks)))
 
     def start_children(self) -> Optional[ModelInfo]:
         """Start this node's processes; the model's info on node 0, None on the other nodes (they

@@ -66,11 +66,10 @@ def setup_child(name: str, log_level: str = "info") -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if sys.platform.startswith("linux"):
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
         except (OSError, AttributeError):
             pass
+    die_with_parent(signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the death signal was armed
         os._exit(1)
     wake_read, wake_write = os.pipe()
@@ -79,6 +78,22 @@ def setup_child(name: str, log_level: str = "info") -> int:
     signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="parent-watch").start()
     return wake_read
+
+
+def die_with_parent(sig: int) -> None:
+    """Have the kernel send `sig` to this process when its parent dies (Linux's PR_SET_PDEATHSIG;
+    elsewhere nothing). Safe between fork and exec."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _exit_on_sigterm(signum, frame) -> None:
