@@ -7,7 +7,8 @@
 #
 #   bash benchmarks/bench_http_gpu.sh LABEL TOKENIZER_DIR [server flags ...]
 #
-# MODEL and NUM replace the config and the 1000 (for a trial run on the CPU with a tiny config).
+# MODEL and NUM replace the config and the 1000 (for a trial run on the CPU with a tiny config);
+# OUTLEN replaces the 128 output tokens of the throughput run.
 # CODE=DIR serves from another checkout (e.g. an older commit, for a before/after); the bench
 # client is always this checkout's. Results: $OUT/LABEL.{b1,1000}.{txt,json}, LABEL.server.log.
 # Use a tokenizer that covers the model's vocabulary (benchmarks/make_bench_tokenizer.py): with a
@@ -20,6 +21,7 @@ out=${OUT:-/tmp}
 port=${PORT:-18000}
 model=${MODEL:-configs/llama-3.1-8b.json}
 num=${NUM:-1000}
+outlen=${OUTLEN:-128}
 (cd "$code" && PYTHONPATH="$code${PYTHONPATH:+:$PYTHONPATH}" exec python3 -m server \
     --model "$model" --load-format dummy --tokenizer "$tok" --port "$port" "$@") \
     > "$out/$label.server.log" 2>&1 &
@@ -33,7 +35,7 @@ bench="python3 -m server.bench --base-url http://127.0.0.1:$port --backend compl
        --random-range-ratio 1.0 --disable-tqdm"
 $bench --num-prompts 8 --random-input-len 128 --random-output-len 256 --max-concurrency 1 \
   --output "$out/$label.b1.json" > "$out/$label.b1.txt" 2>&1
-$bench --num-prompts "$num" --random-input-len 1024 --random-output-len 128 \
+$bench --num-prompts "$num" --random-input-len 1024 --random-output-len "$outlen" \
   --output "$out/$label.1000.json" > "$out/$label.1000.txt" 2>&1
 t0=$(date +%s.%N)
 kill -TERM "$pid"
@@ -43,4 +45,4 @@ stop_s=$(python3 -c "import time; print(f'{time.time() - $t0:.2f}')")
 b1=$(grep -E "Median TPOT|Median ITL|P99 ITL" "$out/$label.b1.txt" | awk -F: '{gsub(/ /, "", $2); printf "%s ", $2}')
 tput=$(grep -E "Output token throughput" "$out/$label.1000.txt" | awk -F: '{gsub(/ /, "", $2); print $2}')
 killed=$(grep -c "did not stop in time" "$out/$label.server.log")
-echo "$label | b1 TPOT/ITL p50/ITL p99 ms: $b1| ${num}x1024/128 out tok/s: $tput | stop ${stop_s}s rc $rc, killed $killed"
+echo "$label | b1 TPOT/ITL p50/ITL p99 ms: $b1| ${num}x1024/${outlen} out tok/s: $tput | stop ${stop_s}s rc $rc, killed $killed"
