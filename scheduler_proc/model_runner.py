@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from kernels import create_attention_backend, resolve_backend_name
 from kernels.base import AttentionBatch, AttentionContext, KVCache
@@ -118,7 +119,7 @@ class ModelRunner:
         # Allocated before the KV pool is sized from what memory is left.
         self.page_table = PageTable(config.max_running_requests + 32, -(-spec.max_model_len // self.page_size) + 1,
                                     device)
-        num_pages = self._num_pages(hf.num_hidden_layers, num_kv_heads, head_dim)
+        num_pages = self._num_pages(hf.num_hidden_layers, num_kv_heads, head_dim, tp_group)
         self.kv_cache = KVCache(hf.num_hidden_layers, num_pages, self.page_size, num_kv_heads, head_dim,
                                 dtype, device)
         self.graphs = None
@@ -134,7 +135,7 @@ class ModelRunner:
     def num_pages(self) -> int:
         return self.kv_cache.num_pages
 
-    def _num_pages(self, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+    def _num_pages(self, num_layers: int, num_kv_heads: int, head_dim: int, tp_group=None) -> int:
         per_token = KVCache.bytes_per_token(num_layers, num_kv_heads, head_dim, self.dtype)
         if self.config.max_total_tokens:
             tokens = self.config.max_total_tokens
@@ -142,6 +143,12 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - total * (1.0 - self.config.mem_fraction_static)
             tokens = int(max(budget, 0) // per_token)
+            if tp_group is not None:
+                # Every rank must hold the same pool: the ranks schedule in lockstep, and free memory
+                # differs a little between GPUs (NCCL buffers, another process's context).
+                t = torch.tensor([tokens], dtype=torch.int64, device=self.device)
+                dist.all_reduce(t, op=dist.ReduceOp.MIN, group=tp_group)
+                tokens = int(t.item())
         else:
             tokens = CPU_KV_BUDGET_BYTES // per_token
         if tokens < self.page_size * 2:
