@@ -157,6 +157,27 @@ def test_wrong_key_shows_error_right_key_works(page):
 
 
 @pytest.mark.slow
+def test_markdown_is_escaped_and_errors_are_shown(page):
+    html = page.evaluate("""() => renderMarkdown(
+        "<img src=x onerror=alert(1)> **bold** and `<b>code</b>`\\n\\n- one\\n- *two*\\n\\n```py\\nif a < b:\\n    pass")""")
+    assert "<img" not in html and "<b>" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "<strong>bold</strong>" in html and "<code>&lt;b&gt;code&lt;/b&gt;</code>" in html
+    assert "<ul><li>one</li><li><em>two</em></li></ul>" in html
+    assert '<pre data-lang="py"><code>if a &lt; b:\n    pass</code></pre>' in html  # an open fence while streaming
+
+    _unlock(page)
+    page.fill("#schema", "{not json")  # caught in the page, nothing sent
+    _ask(page, "hello")
+    assert "not valid JSON" in page.locator("#schema-error").inner_text()
+    assert page.locator(".msg").count() == 0
+    page.fill("#schema", json.dumps({"type": "no-such-type"}))  # the server's 400, shown under the turn
+    page.click("#send")
+    error = _last_reply(page).locator(".facts.error")
+    error.wait_for()
+    assert error.inner_text().startswith("Error 400: "), error.inner_text()
+
+
+@pytest.mark.slow
 def test_streams_reply_with_facts_and_cache_hits(page):
     _unlock(page)
     page.fill("#temperature", "0")
