@@ -222,8 +222,11 @@ def test_stop_frees_the_request(page, server):
     _ask(page, "Write a long story about a dragon who learns to sail across the sea.")
     _wait_for(page, "() => { const b = document.querySelectorAll('.msg.assistant .body');"
                     " return b.length && b[b.length - 1].textContent.length > 20; }")
-    assert _last_reply(page).locator(".facts").count() == 0, "the reply finished before stop was pressed"
+    deadline = time.monotonic() + 5  # the scheduler publishes its gauges every 0.25 s
+    while server.metrics()["skiff:num_running_requests"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert server.metrics()["skiff:num_running_requests"] == 1
+    assert _last_reply(page).locator(".facts").count() == 0, "the reply finished before stop was pressed"
     page.click("#stop")
     facts = _last_reply(page).locator(".facts")
     facts.wait_for()
