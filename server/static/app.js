@@ -225,9 +225,9 @@ function renderMarkdown(source) {
 
 function readParams() {
   const params = {};
-  for (const [id, parse] of [["temperature", Number], ["top_p", Number], ["max_tokens", Number], ["seed", Number]]) {
+  for (const id of ["temperature", "top_p", "max_tokens", "seed"]) {  // empty: the server's default
     const raw = $(id).value.trim();
-    if (raw !== "") params[id] = parse(raw);
+    if (raw !== "") params[id] = Number(raw);
   }
   const schemaText = $("schema").value.trim();
   const schemaError = $("schema-error");
