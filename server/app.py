@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import ipc, openapi, protocol
+from server import ipc, openapi, playground, protocol
 from server.config import ServerConfig
 from server.engine_client import EngineClient, EngineDead, RequestGroup
 from server.metrics import Metrics
@@ -582,4 +582,6 @@ def create_app(config: ServerConfig, info: ModelInfo, paths: IpcPaths,
             return _pipeline_error(res)
         return {"prompt": res.prompt}
 
+    if not config.disable_playground:
+        playground.install(app)
     return app

@@ -31,6 +31,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: Optional[str] = None
+    disable_playground: bool = False
     graceful_shutdown_timeout: float = 15.0
     # --- engine ---
     tp_size: int = 1
@@ -98,6 +99,8 @@ _HELP = {
     "host": "Address to listen on.",
     "port": "Port to listen on.",
     "api_key": "Require 'Authorization: Bearer <key>' on every /v1 request.",
+    "disable_playground": "Do not serve the browser playground at / (and its files under /static); "
+    "both answer 404 instead.",
     "graceful_shutdown_timeout": "Seconds in-flight requests may keep running after SIGTERM/SIGINT "
     "before they are aborted.",
     "tp_size": "Tensor-parallel degree: one scheduler process per rank.",
